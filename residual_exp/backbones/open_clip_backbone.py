@@ -1,0 +1,199 @@
+"""open_clip CLIP models: ``clip_b``, ``clip_l``, ``openclip_b``, ``openclip_l``, ``tiny_clip``
+and the generic ``model=open_clip model.arch=… model.pretrained=…``.
+
+Per-head outputs: open_clip's ``ResidualAttentionBlock`` uses ``nn.MultiheadAttention``,
+whose ``out_proj`` is never called as a module, so hooks on it never fire.  Inside
+:meth:`Backbone.decomposing` each block's ``attn`` gets an *instance-level* forward that
+computes the same attention with ``F.scaled_dot_product_attention`` and stores the CLS
+query's per-head value mix ``z [B, H, Dh]`` before the output projection (no extra cost).
+The MLP contribution is read from ``ls_2``'s output, the embedding from ``ln_pre``'s.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..decompose.lens import layer_norm_lens
+from ..decompose.units import UnitLayout
+from .base import Backbone, UnsupportedArchitecture, register_backbone
+from .weights import WeightsUnavailable, check_local_file, offline_hint
+
+log = logging.getLogger(__name__)
+
+
+def _gamma(ls: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """LayerScale's per-channel gamma, or None for ``nn.Identity``."""
+    g = getattr(ls, "gamma", None)
+    return None if g is None else g.to(like.dtype)
+
+
+def check_open_clip_vision(visual: nn.Module) -> None:
+    """Refuse architectures whose readout is not linear in the CLS residual units."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+    if not isinstance(visual, VisionTransformer):
+        raise UnsupportedArchitecture(
+            f"image tower {type(visual).__name__} is not a CLS-pooled VisionTransformer "
+            "(ResNets and timm-tower CLIPs have no residual-unit readout); use a ViT CLIP or model=timm")
+    if getattr(visual, "attn_pool", None) is not None:
+        raise UnsupportedArchitecture(
+            "attention-pooled readout (CoCa / attentional pooler) is not linear in the residual units")
+    if visual.pool_type != "tok":
+        raise UnsupportedArchitecture(
+            f"pool_type={visual.pool_type!r}: only CLS-token pooling ('tok') decomposes into CLS units")
+    bad = [type(b).__name__ for b in visual.transformer.resblocks if not isinstance(b, ResidualAttentionBlock)]
+    if bad:
+        raise UnsupportedArchitecture(f"custom attention blocks ({bad[0]}: qk-norm / scaled-cosine "
+                                      "attention) are not supported by the per-head decomposition")
+
+
+class OpenClipBackbone(Backbone):
+    family = "open_clip"
+
+    def __init__(self, name: str, model: nn.Module, transform, tokenizer, image_size: int) -> None:
+        visual = model.visual
+        check_open_clip_vision(visual)
+        blocks = visual.transformer.resblocks
+        layout = UnitLayout.vit(len(blocks), blocks[0].attn.num_heads)
+        output_dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
+        super().__init__(name, output_dim, layout, transform, image_size, has_text=True,
+                         logit_scale=float(model.logit_scale.detach().exp()))
+        self.model = model
+        self._tokenizer = tokenizer
+
+    @property
+    def vision(self) -> nn.Module:
+        return self.model.visual
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self._tokenizer(texts)
+
+    # --- decomposition ------------------------------------------------------------------
+    def _install(self, hs, store: dict) -> None:
+        visual = self.model.visual
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        cls = (lambda t: t[:, 0]) if batch_first else (lambda t: t[0])
+        store["heads"], store["mlps"] = [], []
+        hs.forward_hook(visual.ln_pre, lambda m, i, o: store.__setitem__("embed", cls(o)))
+        for block in visual.transformer.resblocks:
+            hs.instance_forward(block.attn, _make_mha_forward(block.attn, store["heads"], batch_first))
+            hs.forward_hook(block.ls_2, lambda m, i, o: store["mlps"].append(cls(o)))
+
+    def _units(self, store: dict) -> torch.Tensor:
+        visual = self.model.visual
+        blocks = visual.transformer.resblocks
+        assert len(store["heads"]) == len(blocks) == len(store["mlps"]), "hooks did not fire once per block"
+        embed = store["embed"]                                            # [B, W]
+        B, W = embed.shape
+        pieces = [embed[:, None]]
+        attn_bias = torch.zeros(B, W, dtype=embed.dtype, device=embed.device)
+        for block, z, mlp in zip(blocks, store["heads"], store["mlps"]):
+            mha = block.attn
+            H = mha.num_heads
+            w_o = mha.out_proj.weight.view(W, H, W // H)                  # [W, H, Dh]
+            heads = torch.einsum("bhd,whd->bhw", z, w_o.to(z.dtype))       # [B, H, W]
+            b_o = mha.out_proj.bias if mha.out_proj.bias is not None else torch.zeros_like(embed[0])
+            g = _gamma(block.ls_1, heads)
+            if g is not None:
+                heads, b_o = heads * g, b_o * g
+            attn_bias = attn_bias + b_o.to(embed.dtype)
+            pieces += [heads, mlp[:, None]]
+        pieces.append(attn_bias[:, None])
+        contribs = torch.cat(pieces, 1)                                   # [B, U - 1, W]
+        ln = visual.ln_post
+        return layer_norm_lens(contribs, ln.weight, ln.bias, ln.eps, visual.proj)
+
+
+def _make_mha_forward(mha: nn.MultiheadAttention, sink: list, batch_first: bool):
+    """Same computation as ``nn.MultiheadAttention`` (self-attention, eval), exposing per-head z."""
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise UnsupportedArchitecture("nn.MultiheadAttention with separate k/v dims or bias_k is not supported")
+
+    def forward(query, key=None, value=None, key_padding_mask=None, need_weights=False,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        if key is not None and key is not query or value is not None and value is not query:
+            raise UnsupportedArchitecture("cross-attention blocks cannot be decomposed at the CLS token")
+        if key_padding_mask is not None:
+            raise UnsupportedArchitecture("key_padding_mask is not supported in the image tower")
+        x = query if batch_first else query.transpose(0, 1)              # [B, N, W]
+        B, N, W = x.shape
+        H = mha.num_heads
+        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)           # [B, N, 3W]
+        q, k, v = qkv.view(B, N, 3, H, W // H).permute(2, 0, 3, 1, 4)     # 3 × [B, H, N, Dh]
+        p = mha.dropout if mha.training else 0.0
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # [B, H, N, Dh]
+        sink.append(z[:, :, 0])                                           # [B, H, Dh] CLS query
+        out = mha.out_proj(z.transpose(1, 2).reshape(B, N, W))            # [B, N, W]
+        return (out if batch_first else out.transpose(0, 1)), None
+
+    return forward
+
+
+# --- construction ---------------------------------------------------------------------
+def create_open_clip(arch: str, pretrained: str | None, weights: str | None, image_size: int | None,
+                     cache_dir: str | None, quick_gelu: bool = False):
+    """``(model, transform, tokenizer)`` from open_clip, with offline-friendly errors."""
+    import open_clip
+    if arch not in open_clip.list_models():
+        raise KeyError(f"model.arch={arch!r} is not an open_clip architecture; "
+                       f"see open_clip.list_models() (e.g. ViT-B-16, ViT-L-14)")
+    source = None
+    if weights:
+        source = str(check_local_file(weights, "model.weights"))
+    elif pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained not in tags:
+            raise KeyError(f"model.pretrained={pretrained!r} is not a tag of {arch}; valid: {tags}")
+        source = pretrained
+    kwargs = dict(force_quick_gelu=quick_gelu, cache_dir=cache_dir)
+    if image_size:
+        kwargs["force_image_size"] = image_size
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
+    except Exception as e:  # hub download failures surface as many exception types
+        if source is None or weights:
+            raise
+        raise WeightsUnavailable(
+            f"could not load open_clip weights {arch}/{pretrained}: {type(e).__name__}: {e}\n"
+            + offline_hint(f"open_clip {arch} '{pretrained}'",
+                           "model.weights=/path/to/open_clip_model.bin (or .safetensors)",
+                           cache_dir)) from e
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+    return model, transform, tokenizer
+
+
+def _build(cfg, default_arch: str | None = None, quick_gelu: bool = False) -> OpenClipBackbone:
+    arch = cfg.arch or default_arch
+    if not arch:
+        raise ValueError("model.arch is required for model=open_clip (e.g. model.arch=ViT-B-16)")
+    model, transform, tokenizer = create_open_clip(arch, cfg.pretrained, cfg.weights, cfg.image_size,
+                                                   cfg.cache_dir, quick_gelu or bool(cfg.params.get("quick_gelu", False)))
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return OpenClipBackbone(cfg.name, model, transform, tokenizer, int(size))
+
+
+@register_backbone("open_clip", "any CLS-pooled open_clip ViT: model.arch=… model.pretrained=…")
+def build_open_clip(cfg):
+    return _build(cfg)
+
+
+for _name, _arch, _qg, _desc in [
+    ("clip_b", "ViT-B-16", True, "OpenAI CLIP ViT-B/16 (QuickGELU), pretrained=openai"),
+    ("clip_l", "ViT-L-14", True, "OpenAI CLIP ViT-L/14 (QuickGELU), pretrained=openai"),
+    ("openclip_b", "ViT-B-16", False, "OpenCLIP ViT-B/16, pretrained=laion2b_s34b_b88k"),
+    ("openclip_l", "ViT-L-14", False, "OpenCLIP ViT-L/14, pretrained=laion2b_s32b_b82k"),
+]:
+    register_backbone(_name, _desc)(
+        lambda cfg, _a=_arch, _q=_qg: _build(cfg, default_arch=_a, quick_gelu=_q))

@@ -1,0 +1,66 @@
+"""Frozen classifiers: zero-shot text heads and class-mean image prototypes.
+
+* :func:`zero_shot_weights` — the standard CLIP recipe: encode every template for every
+  class, L2-normalise each text feature, average per class, renormalise.
+* :func:`prototype_weights` — for models without a text tower (ViT-L, DINOv2), as in the
+  paper: the per-class mean of the L2-normalised train-split image features.
+
+Either way the head is :class:`ClassifierHead`: ``logits = scale · normalize(f) @ Wᵀ``,
+with ``scale`` the model's logit scale.  Nothing in it is trained.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def zero_shot_weights(backbone, classnames: Sequence[str], templates: Sequence[str],
+                      device: str | torch.device = "cpu", batch_size: int = 256,
+                      progress: bool = True) -> torch.Tensor:
+    """``[C, D]`` unit-norm class embeddings (template average done per class)."""
+    if not backbone.has_text:
+        raise ValueError(f"{backbone.name} has no text tower: use prototype_weights")
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise ValueError(f"templates must each contain exactly one '{{}}': {list(templates)[:3]}")
+    texts = [t.format(c) for c in classnames for t in templates]        # class-major
+    feats = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="zero-shot classifier", disable=not progress,
+                  leave=False):
+        tokens = backbone.tokenize(texts[i:i + batch_size])
+        tokens = tokens.to(device) if torch.is_tensor(tokens) else {k: v.to(device) for k, v in tokens.items()}
+        feats.append(F.normalize(backbone.encode_text(tokens).float(), dim=-1))
+    feats = torch.cat(feats).view(len(classnames), len(templates), -1)   # [C, T, D]
+    return F.normalize(feats.mean(1), dim=-1)                             # [C, D]
+
+
+def prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[C, D]`` per-class mean of the L2-normalised features (rows renormalised by the head)."""
+    f = F.normalize(features.double(), dim=-1)                            # [N, D]
+    counts = torch.bincount(labels, minlength=num_classes)                 # [C]
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"prototype classifier: no training example for classes {missing[:10]}")
+    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
+    return (sums / counts[:, None]).to(features.dtype)                    # [C, D]
+
+
+class ClassifierHead(nn.Module):
+    """Frozen cosine classifier: ``scale · normalize(f) @ normalize(W)ᵀ``."""
+
+    def __init__(self, weights: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", F.normalize(weights, dim=-1))     # [C, D]
+        self.scale = float(scale)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(features, dim=-1)                                  # [B, D]
+        return self.scale * f @ self.weight.to(f.dtype).T                  # [B, C]

@@ -1,0 +1,144 @@
+"""Structured-config schemas (registered in Hydra's ConfigStore).
+
+Every YAML file under ``conf/`` is validated against these dataclasses at compose time, so
+an unknown key or a wrong type fails with a message that names the key.  Per-family or
+per-dataset extras go under ``params`` (a free dict).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING                # registry key (model=NAME)
+    arch: Optional[str] = None         # library architecture name (open_clip / timm / hub id)
+    pretrained: Optional[str] = None   # hub tag; null → random weights (tests, checks)
+    weights: Optional[str] = None      # local checkpoint file (overrides `pretrained`)
+    image_size: Optional[int] = None   # input resolution (None: the architecture's own)
+    logit_scale: float = 100.0         # classifier temperature for models without a text tower
+    cache_dir: Optional[str] = None    # hub cache directory
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING                # registry key (dataset=NAME)
+    root: str = "data"                 # where the data lives on disk
+    download: bool = False             # download where the source still allows it
+    batch_size: int = 64               # images per forward when encoding
+    num_workers: int = 0
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PCAConfig:
+    """Per-unit PCA bases: where they are fitted and how they are pruned."""
+    reference: Optional[str] = None    # dataset name to fit on; null → the target dataset's reference
+    split: str = "reference"           # split of that dataset (reference = ImageNet train for real sets)
+    max_samples: Optional[int] = None  # cap on images used for fitting
+    evr: Optional[float] = None        # keep leading PCs up to this explained-variance ratio per unit
+    k: Optional[int] = None            # or keep the first k PCs per unit (null + null: keep all)
+
+
+@dataclass
+class MethodConfig:
+    """One of the seven variants (DESIGN.md §1) and its knobs."""
+    name: str = MISSING                # base | finetune | linear_adapter | spectral_adapter | residual_*
+    units: str = "heads"               # heads | mlps | heads+mlps | all | output
+    others: str = "drop"               # units not selected: drop | mean | add
+    dropped_value: float = 0.0         # λ of pruned components (0 removes them, 1 keeps them as is)
+    init: str = "normal"               # λ init: normal (N(1,1)) | ones | eigenvalues
+    lr: float = 0.8                    # Schedule-Free AdamW learning rate
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = None
+    cache: bool = True                 # encode once (true) or run the backbone every step (false)
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 30
+    patience: int = 5                  # early stopping on val accuracy
+    batch_size: int = 64
+    lr: Optional[float] = None         # overrides method.lr when set
+    lr_find: bool = False              # run Lightning's LR finder first (schedule-free aware)
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: str = "32-true"
+    num_workers: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class CacheConfig:
+    dir: str = "${paths.cache_dir}"
+    dtype: str = "float32"             # storage dtype of encoded units (float16 | float32 | float64)
+    memory_budget_gb: float = 4.0      # larger encodings are streamed from disk (memmap)
+    enabled: bool = True
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    data_dir: str = "${paths.root_dir}/data"
+    cache_dir: str = "${paths.root_dir}/outputs/cache"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class TaskConfig:
+    name: str = "train"
+
+
+@dataclass
+class CheckDecompositionTask(TaskConfig):
+    name: str = "check_decomposition"
+    batch_size: int = 2
+    dtype: str = "float32"
+    tolerance: float = 1e-5
+    seed: int = 0
+
+
+@dataclass
+class InspectDataTask(TaskConfig):
+    name: str = "inspect_data"
+
+
+@dataclass
+class PretrainTask(TaskConfig):
+    """Contrastive pretraining of the embedded tiny CLIP on synthetic captions."""
+    name: str = "pretrain_tiny_clip"
+    n_images: int = 20000
+    epochs: int = 8
+    batch_size: int = 256
+    lr: float = 2e-3
+    seed: int = 0
+    out: Optional[str] = None          # where to write the checkpoint (default: the asset path)
+
+
+@dataclass
+class Config:
+    task: Any = MISSING
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    method: MethodConfig = MISSING
+    pca: PCAConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: Any = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda
+    run_name: str = "${model.name}-${dataset.name}-${method.name}"
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, node in [("train_schema", TaskConfig), ("check_decomposition_schema", CheckDecompositionTask),
+                       ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask)]:
+        cs.store(group="task", name=name, node=node)

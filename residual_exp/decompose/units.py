@@ -1,0 +1,74 @@
+"""The labelled unit stack.
+
+Unit order (documented, stable; TransformerLens style)::
+
+    embed                         the CLS residual entering block 0 (after ln_pre, if any)
+    L0H0 … L0H{H-1}, L0.mlp       layer 0: every attention head, then the MLP
+    L1H0 … L1.mlp                 layer 1 …
+    …
+    attn_bias                     Σ_l attention output-projection biases (× LayerScale)
+    out_bias                      final-norm β pushed through the projection (+ its bias)
+
+Every unit is a vector in the model's *output* space; their sum is the image feature
+(see ``decompose.lens``).  ``kind`` is one of ``embed | head | mlp | const``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+KINDS = ("embed", "head", "mlp", "const")
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    layers: tuple[int, ...]   # -1 for embed / const units
+    heads: tuple[int, ...]    # -1 unless kind == "head"
+
+    @classmethod
+    def vit(cls, num_layers: int, num_heads: int) -> "UnitLayout":
+        names, kinds, layers, heads = ["embed"], ["embed"], [-1], [-1]
+        for l in range(num_layers):
+            for h in range(num_heads):
+                names.append(f"L{l}H{h}"); kinds.append("head"); layers.append(l); heads.append(h)
+            names.append(f"L{l}.mlp"); kinds.append("mlp"); layers.append(l); heads.append(-1)
+        for c in ("attn_bias", "out_bias"):
+            names.append(c); kinds.append("const"); layers.append(-1); heads.append(-1)
+        return cls(tuple(names), tuple(kinds), tuple(layers), tuple(heads))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_layers(self) -> int:
+        return max(self.layers) + 1
+
+    @property
+    def num_heads(self) -> int:
+        return max(self.heads) + 1
+
+    def indices(self, kinds: str | Iterable[str]) -> list[int]:
+        """Indices of the units whose kind is in ``kinds`` (a kind, or several, or ``all``).
+
+        Group names: ``heads`` → head, ``mlps`` → mlp, ``heads+mlps``; ``all`` → every unit.
+        """
+        if isinstance(kinds, str):
+            alias = {"heads": ("head",), "mlps": ("mlp",), "heads+mlps": ("head", "mlp"),
+                     "all": KINDS, "output": ()}
+            kinds = alias.get(kinds, tuple(kinds.split("+")))
+        kinds = tuple(kinds)
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"unknown unit kind(s) {bad}; valid: {KINDS} or heads/mlps/heads+mlps/all")
+        return [i for i, k in enumerate(self.kinds) if k in kinds]
+
+    def counts(self) -> dict[str, int]:
+        return {k: sum(1 for x in self.kinds if x == k) for k in KINDS}
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"no unit named {name!r} (have {self.names[0]} … {self.names[-1]})") from None

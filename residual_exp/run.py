@@ -1,0 +1,268 @@
+"""The stages of one experiment, callable without Hydra: ``run(cfg) -> exit code``.
+
+``task=train`` (the default)::
+
+    backbone ─► classifier (zero-shot text head, or train-split prototypes)
+             ─► encode train / val / test once (cache)            ─► zero-shot accuracy
+             ─► PCA bases per unit on the reference split (cache)
+             ─► adapter (method) ─► Schedule-Free AdamW, early stopping on val
+             ─► test on the best-val checkpoint ─► results.json + table
+
+Other tasks (``task=check_decomposition``, ``inspect_data``, ``pretrain_tiny_clip``, …)
+are dispatched from :data:`TASKS`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+RESULT_KEYS = ("model", "dataset", "method", "trainable_params", "val_accuracy", "test_accuracy",
+               "zero_shot_val_accuracy", "zero_shot_test_accuracy", "seed", "wall_seconds")
+
+
+# --- helpers ------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but CUDA is not available on this machine")
+    return device
+
+
+def run_dir_of(cfg) -> Path:
+    try:
+        return Path(cfg.paths.output_dir)
+    except Exception:  # outside a Hydra run (tests calling run(cfg) directly)
+        return Path(os.getcwd())
+
+
+def format_table(records: list[dict]) -> str:
+    cols = [("model", "model"), ("dataset", "dataset"), ("method", "method"), ("params", "trainable_params"),
+            ("zero-shot test", "zero_shot_test_accuracy"), ("val", "val_accuracy"), ("test", "test_accuracy"),
+            ("seconds", "wall_seconds")]
+    def fmt(key: str, v) -> str:
+        if isinstance(v, float):
+            return f"{v:.1f}" if key == "wall_seconds" else f"{v:.4f}"
+        return str(v)
+    rows = [[h for h, _ in cols]] + [[fmt(k, r.get(k, "")) for _, k in cols] for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    line = lambda row: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+
+
+def write_results(records: list[dict], run_dir: Path) -> Path:
+    from .cache import atomic_write_text
+    path = run_dir / "results.json"
+    atomic_write_text(path, json.dumps(records, indent=2))
+    return path
+
+
+# --- the train task -----------------------------------------------------------------------
+def train(cfg: DictConfig) -> int:
+    from .backbones.base import build_backbone
+    from .cache import Cache
+    from .classifiers import ClassifierHead, prototype_weights, zero_shot_weights
+    from .data.registry import build_split
+    from .encode import dataset_identity, encode_split, fit_bases, model_identity
+    from .methods import NEEDS_BASES, build_adapter
+    from .train.data import ImageItems, StreamedEncoded, batches, prepare_encoded
+    from .train.fit import fit_and_test
+    from .train.loggers import build_logger, finish_logger
+    from .train.module import AdapterModule
+
+    t_start = time.time()
+    seed_everything(cfg.seed)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    progress = cfg.trainer.progress_bar
+    cache = Cache(cfg.cache.dir, enabled=cfg.cache.enabled)
+    method = cfg.method.name
+
+    backbone = build_backbone(cfg.model).to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    model_id = model_identity(cfg.model, cfg.seed)
+
+    splits = {s: build_split(cfg.dataset, s, backbone.transform) for s in ("train", "val", "test")}
+    classnames, templates = splits["train"].classnames, splits["train"].templates
+    log.info("%s: %s", cfg.dataset.name, {s: len(d) for s, d in splits.items()})
+
+    def encoded(split: str):
+        ds = splits[split]
+        ident = {"model": model_id, "dataset": dataset_identity(cfg.dataset, split, len(ds), backbone.transform)}
+        return encode_split(backbone, ds, cache, ident, device, cfg.dataset.batch_size, cfg.dataset.num_workers,
+                            cfg.cache.dtype, cfg.cache.memory_budget_gb, progress)
+
+    enc = {s: encoded(s) for s in ("train", "val", "test")}
+
+    # frozen classifier
+    if backbone.has_text:
+        spec = {"model": model_id, "classnames": classnames, "templates": templates}
+        weights = cache.get_or_build("classifiers", spec,
+                                     build=lambda tmp: _save_tensor(tmp, zero_shot_weights(
+                                         backbone, classnames, templates, device, progress=progress).cpu()),
+                                     load=_load_tensor, suffix=".safetensors")
+    else:
+        weights = prototype_weights(torch.from_numpy(np.asarray(enc["train"].features)).float(),
+                                    torch.from_numpy(enc["train"].labels), len(classnames))
+    head = ClassifierHead(weights.float(), backbone.logit_scale)
+
+    zs = {s: _accuracy(head, enc[s].features) for s in ("val", "test")}
+    zs = {s: float((zs[s] == torch.from_numpy(enc[s].labels)).double().mean()) for s in zs}
+    common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
+                  zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"])
+    records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
+                    wall_seconds=round(time.time() - t_start, 2))]
+
+    if method != "base":
+        t_method = time.time()
+        unit_basis = output_basis = None
+        if method in NEEDS_BASES or cfg.method.others == "mean":
+            ref_cfg = cfg.dataset if cfg.pca.reference is None else _reference_dataset_cfg(cfg)
+            ref = build_split(ref_cfg, cfg.pca.split, backbone.transform)
+            if cfg.pca.max_samples and len(ref) > cfg.pca.max_samples:
+                ref = torch.utils.data.Subset(ref, _subsample(len(ref), cfg.pca.max_samples, cfg.seed))
+                ref.name, ref.split = ref_cfg.name, cfg.pca.split
+            ident = {"model": model_id, "dataset": dataset_identity(ref_cfg, cfg.pca.split, len(ref), backbone.transform)}
+            unit_basis, output_basis = fit_bases(backbone, ref, cache, ident, device, ref_cfg.batch_size,
+                                                 ref_cfg.num_workers, progress)
+        adapter = build_adapter(cfg.method, cfg.pca, backbone.layout, backbone.output_dim, unit_basis,
+                                output_basis, backbone=backbone, seed=cfg.seed)
+        dtype = torch.float32
+        adapter = adapter.to(dtype)
+        in_loop = method == "finetune" or not cfg.method.cache
+        if in_loop:
+            data = {s: ImageItems(splits[s]) for s in splits}
+        else:
+            budget = cfg.cache.memory_budget_gb * 2**30
+            stream = any(isinstance(enc[s].units, np.memmap) or enc[s].nbytes > budget for s in enc)
+            data = {s: (StreamedEncoded(enc[s], adapter.needs, dtype) if stream
+                        else prepare_encoded(adapter, enc[s], dtype)) for s in enc}
+            in_loop = stream   # streamed rows are prepared per batch
+        loaders = {s: batches(d, cfg.trainer.batch_size, s == "train", cfg.trainer.num_workers, cfg.seed)
+                   for s, d in data.items()}
+        lr = cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr
+        module = AdapterModule(adapter, head, lr, cfg.method.weight_decay, prepare_on_the_fly=in_loop,
+                               backbone=backbone)
+        logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
+        code = 1
+        try:
+            res = fit_and_test(module, loaders, cfg.trainer, run_dir, logger, device,
+                               grad_clip=cfg.method.grad_clip, seed=cfg.seed)
+            _save_trained(adapter, backbone.layout, run_dir / "lambda.safetensors", method)
+            rec = dict(common, method=method, trainable_params=adapter.trainable_params(),
+                       val_accuracy=res.val_accuracy, test_accuracy=res.test_accuracy,
+                       best_epoch=res.best_epoch, epochs=res.epochs_run, lr=res.lr,
+                       wall_seconds=round(time.time() - t_method, 2))
+            if logger is not None:
+                logger.log_metrics({"final/" + k: v for k, v in rec.items() if isinstance(v, (int, float))})
+            records.append(rec)
+            code = 0
+        finally:
+            finish_logger(logger, code)
+
+    path = write_results(records, run_dir)
+    print(format_table(records))
+    print(f"results: {path}")
+    return 0
+
+
+def _accuracy(head, features) -> torch.Tensor:
+    f = torch.from_numpy(np.asarray(features)).float()
+    with torch.no_grad():
+        return torch.cat([head(f[i:i + 4096]).argmax(-1) for i in range(0, len(f), 4096)])
+
+
+def _subsample(n: int, k: int, seed: int) -> list[int]:
+    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+
+
+def _reference_dataset_cfg(cfg):
+    """The ``dataset`` node of ``pca.reference`` (its ``conf/dataset`` file, resolved against ``paths``)."""
+    from .config import DatasetConfig
+    name = cfg.pca.reference
+    path = CONF_DIR / "dataset" / f"{name}.yaml"
+    if not path.exists():
+        from .data.registry import list_datasets
+        raise KeyError(f"pca.reference={name!r} is not a dataset config; valid: {', '.join(list_datasets())}")
+    node = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(path))
+    ctx = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths, resolve=True), "dataset": node})
+    return OmegaConf.create(OmegaConf.to_container(ctx, resolve=True)["dataset"])
+
+
+def _save_tensor(path: Path, t: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+    save_file({"weight": t.contiguous()}, str(path))
+
+
+def _load_tensor(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(str(path))["weight"]
+
+
+def _save_trained(adapter, layout, path: Path, method: str) -> None:
+    """The trained parameters (λ as a dense [S, K] matrix for spectral methods) + unit names."""
+    from safetensors.torch import save_file
+    tensors = {}
+    meta = {"method": method}
+    if hasattr(adapter, "lambdas"):
+        tensors["lambda"] = adapter.lambdas().detach().cpu().contiguous()
+        tensors["mask"] = adapter.mask.cpu().contiguous()
+        tensors["eigen_components"] = adapter.components.cpu().contiguous() if adapter.components.numel() < 5e7 else torch.zeros(0)
+        meta["units"] = json.dumps([layout.names[i] for i in adapter.selected.tolist()]) if not adapter.from_feature else '["output"]'
+    elif method == "residual_coarse":
+        tensors["lambda"] = adapter.lam.detach().cpu().contiguous()
+        meta["units"] = json.dumps([layout.names[i] for i in adapter.selected.tolist()])
+    elif method == "finetune":
+        return  # the fine-tuned tower is in checkpoints/best.ckpt
+    else:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+# --- dispatch -----------------------------------------------------------------------------
+def _task(name: str):
+    if name == "train":
+        return train
+    if name == "check_decomposition":
+        from .tasks.check_decomposition import check_decomposition
+        return check_decomposition
+    if name == "inspect_data":
+        from .tasks.inspect_data import inspect_data
+        return inspect_data
+    if name == "pretrain_tiny_clip":
+        return _pretrain
+    raise KeyError(f"task.name={name!r}; valid: train, check_decomposition, inspect_data, pretrain_tiny_clip")
+
+
+def _pretrain(cfg) -> int:
+    from .backbones.tiny_clip import CHECKPOINT, pretrain_tiny_clip
+    t = cfg.task
+    meta = pretrain_tiny_clip(out=t.out or CHECKPOINT, n_images=t.n_images, epochs=t.epochs,
+                              batch_size=t.batch_size, lr=t.lr, seed=t.seed, progress=True)
+    print(f"tiny CLIP written to {t.out or CHECKPOINT}: {meta}")
+    return 0
+
+
+def run(cfg: DictConfig) -> int:
+    """Run the task selected by ``cfg.task.name``; returns the process exit code."""
+    return int(_task(cfg.task.name)(cfg) or 0)

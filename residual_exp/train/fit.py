@@ -1,0 +1,84 @@
+"""Train one adapter under the paper's protocol and test its best-val checkpoint.
+
+Protocol (DESIGN.md §1): Schedule-Free AdamW, at most ``trainer.max_epochs`` (30) epochs,
+early stopping on val accuracy (patience 5), test on the best-val checkpoint.  With
+``trainer.lr_find=true`` Lightning's LR finder picks the learning rate first.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from .module import AdapterModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    val_accuracy: float
+    test_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    lr: float
+    seconds: float
+    checkpoint: str
+
+
+def _accelerator(trainer_cfg, device: str) -> str:
+    if trainer_cfg.accelerator != "auto":
+        return trainer_cfg.accelerator
+    return "gpu" if str(device).startswith("cuda") else "cpu"
+
+
+def fit_and_test(module: AdapterModule, loaders: dict, trainer_cfg, out_dir: Path, logger=None,
+                 device: str = "cpu", grad_clip: float | None = None, seed: int = 0) -> FitResult:
+    """``loaders``: ``{"train", "val", "test"}`` DataLoaders of batch dicts."""
+    t0 = time.time()
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max",
+                                 save_top_k=1, save_weights_only=True, enable_version_counter=False)
+    stopper = EarlyStopping(monitor="val/acc", mode="max", patience=trainer_cfg.patience)
+    trainer = pl.Trainer(
+        max_epochs=trainer_cfg.max_epochs, accelerator=_accelerator(trainer_cfg, device),
+        devices=trainer_cfg.devices, precision=trainer_cfg.precision, logger=logger if logger is not None else False,
+        callbacks=[checkpoint, stopper], enable_progress_bar=trainer_cfg.progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=grad_clip,
+        log_every_n_steps=10, default_root_dir=str(out_dir), deterministic=False,
+        plugins=_no_requeue_plugins())
+    if trainer_cfg.lr_find:
+        from lightning.pytorch.tuner import Tuner
+        finder = Tuner(trainer).lr_find(module, train_dataloaders=loaders["train"],
+                                        val_dataloaders=loaders["val"], update_attr=True)
+        log.info("LR finder suggests lr=%.3g", module.lr)
+        if finder is not None:
+            finder.plot(suggest=True).savefig(Path(out_dir) / "lr_find.png")
+    trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+    best_val = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
+    test = trainer.test(module, dataloaders=loaders["test"], ckpt_path=checkpoint.best_model_path or None,
+                        verbose=False)
+    best_epoch = _best_epoch(checkpoint)
+    return FitResult(best_val, float(test[0]["test/acc"]), best_epoch, trainer.current_epoch,
+                     float(module.lr), time.time() - t0, checkpoint.best_model_path)
+
+
+def _best_epoch(checkpoint: ModelCheckpoint) -> int:
+    path = checkpoint.best_model_path
+    if not path:
+        return -1
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("epoch", -1))
+
+
+def _no_requeue_plugins() -> list:
+    """Under SLURM, leave requeueing to submitit: Lightning's auto-requeue is switched off."""
+    import os
+    if "SLURM_JOB_ID" not in os.environ:
+        return []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    return [SLURMEnvironment(auto_requeue=False)]

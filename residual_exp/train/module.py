@@ -1,0 +1,108 @@
+"""Lightning glue: an adapter + a frozen classifier head, trained with Schedule-Free AdamW.
+
+Schedule-free optimisers keep two parameter sequences and must be told which one the
+model should hold: ``optimizer.train()`` before any training step (also before the LR
+finder's steps, which run before ``on_fit_start``: hence the call right where the
+optimizer is created) and ``optimizer.eval()`` before validation, testing and
+checkpointing, so that the checkpoint holds the averaged weights that were validated.
+"""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import schedulefree
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+
+class AdapterModule(pl.LightningModule):
+    def __init__(self, adapter, head, lr: float, weight_decay: float = 0.0,
+                 prepare_on_the_fly: bool = False, backbone=None) -> None:
+        super().__init__()
+        self.adapter = adapter
+        # frozen backbone for the backbone-in-the-loop mode; kept out of the state dict
+        self._backbone = (backbone,)
+        self.head = head
+        self.lr = lr                      # attribute name read by Lightning's LR finder
+        self.weight_decay = weight_decay
+        self.prepare_on_the_fly = prepare_on_the_fly
+        nc = head.num_classes
+        # micro-averaged top-1 (torchmetrics defaults to macro for multiclass)
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(nc, average="micro")
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(nc, average="micro")
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(nc, average="micro")
+
+    # --- forward ------------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "label"}
+        if self.prepare_on_the_fly:
+            if self.adapter.needs == "images":
+                inputs = {"images": inputs["images"]}
+            elif "images" in inputs:   # backbone in the loop: decompose live, then prepare
+                units, feature = self._backbone[0].decompose(inputs["images"])
+                inputs = self.adapter.prepare(units, feature)
+            else:                      # streamed cache: raw units/features → prepared
+                inputs = self.adapter.prepare(inputs.get("units"), inputs.get("feature"))
+        return self.head(self.adapter(**inputs))
+
+    def _step(self, batch: dict, metric) -> torch.Tensor:
+        logits = self(batch)
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        metric.update(logits, batch["label"])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._step(batch, self.train_acc)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/acc", self.train_acc.compute()); self.train_acc.reset()
+
+    def validation_step(self, batch, batch_idx):
+        loss = self._step(batch, self.val_acc)
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(batch["label"]))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/acc", self.val_acc.compute(), prog_bar=True); self.val_acc.reset()
+
+    def test_step(self, batch, batch_idx):
+        loss = self._step(batch, self.test_acc)
+        self.log("test/loss", loss, on_epoch=True, batch_size=len(batch["label"]))
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/acc", self.test_acc.compute()); self.test_acc.reset()
+
+    # --- schedule-free bookkeeping --------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = schedulefree.AdamWScheduleFree(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt.train()
+        return opt
+
+    def _sf(self, mode: str) -> None:
+        if self._trainer is None:
+            return
+        for opt in self.trainer.optimizers:
+            if hasattr(opt, mode):
+                getattr(opt, mode)()
+
+    def on_train_epoch_start(self) -> None:
+        self._sf("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._sf("eval")
+
+    def on_test_epoch_start(self) -> None:
+        self._sf("eval")
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        self._sf("eval")
+        # re-read the (now averaged) weights into the checkpoint being written
+        checkpoint["state_dict"] = self.state_dict()
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # after validation (eval mode) training resumes: swap back to the training sequence
+        opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if opt is not None and hasattr(opt, "param_groups") and not opt.param_groups[0].get("train_mode", True):
+            opt.train()

@@ -1,0 +1,533 @@
+"""The paper's ten datasets, the ImageNet reference set and ``image_folder``.
+
+``dataset=NAME`` with NAME in ``cifar10 cifar100 dtd eurosat gtsrb mnist resisc45
+stanford_cars sun397 svhn imagenet image_folder``; ``dataset.root`` points at the data.
+
+Every dataset is one :class:`Spec` row: how to open an official split from disk (mostly a
+torchvision dataset class), the expected layout under ``root``, how to get the data, and
+the split protocol of the paper:
+
+``carve_val``  train/val carved from the official train split (stratified, seed 42,
+               ``val_fraction``); test = the official test split
+``three_way``  no official split: 80/10/10 train/val/test of the whole set (stratified)
+``official``   the dataset's own train/val/test lists (RESISC45)
+
+``reference`` is the train split (for ``imagenet`` that is what the PCA bases are fit on).
+Carved splits are stored next to the data (see :mod:`.splits`).  DTD: the official
+partition 1 ``train1`` list is the train source and ``test1`` the test split; the official
+``val1`` list is not used (the paper carves val out of train).
+
+Items are ``(transform(RGB PIL image), label)``; grey-scale sources (MNIST) are converted
+to RGB so every backbone sees three channels.  Missing or unreadable data raises
+:class:`DatasetNotFound` (a ``FileNotFoundError``) naming the dataset, the root, the
+layout expected under it and how to obtain the data, before anything is written.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, make_dataset
+
+from . import metadata as md
+from .registry import ClassificationSplit, register_dataset
+from .splits import load_or_create, split_path
+
+__all__ = ["DatasetNotFound", "Source", "Spec", "SPECS", "build", "build_image_folder",
+           "check_available", "clear_cache"]
+
+
+class DatasetNotFound(FileNotFoundError):
+    """The data of a dataset is missing (or unreadable) under ``root``."""
+
+    def __init__(self, name: str, root: Path, layout: str, how_to_get: str,
+                 missing: Sequence[str] = (), problem: str | None = None):
+        self.name, self.root, self.layout, self.how_to_get = name, root, layout, how_to_get
+        self.missing = list(missing)
+        lines = [problem or f"dataset {name!r}: data not found under root {str(root)!r} "
+                            f"(set it with dataset.root=...)."]
+        if self.missing:
+            lines += ["missing under root:"] + [f"  - {m}" for m in self.missing]
+        lines += ["expected layout under root:", _indent(layout), "how to get it:",
+                  _indent(how_to_get)]
+        super().__init__("\n".join(lines))
+
+    def __str__(self) -> str:  # FileNotFoundError would prefix "[Errno ...]" otherwise
+        return self.args[0]
+
+
+def _indent(text: str, pad: str = "  ") -> str:
+    return "\n".join(pad + line for line in text.strip("\n").splitlines())
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class Source:
+    """One official split opened from disk.
+
+    ``labels[i]`` is the label of ``base[i]`` in *our* class indexing (``classnames``);
+    ``order`` lists base indices in canonical order when the base order is not
+    deterministic (``None``: base order is canonical).  Stored split indices refer to
+    positions in the canonical order.
+    """
+    base: Dataset
+    labels: Sequence[int]
+    classnames: Sequence[str]
+    order: Sequence[int] | None = None
+
+    def canonical(self) -> list[int]:
+        return list(self.order) if self.order is not None else list(range(len(self.labels)))
+
+
+class _LoadRGB:
+    """``load(base, j) -> (RGB PIL image, our label of j)`` (picklable for DataLoader workers)."""
+
+    def __init__(self, labels: Sequence[int]):
+        self.labels = [int(t) for t in labels]
+
+    def __call__(self, base: Dataset, j: int):
+        img = base[j][0]
+        if getattr(img, "mode", "RGB") != "RGB":
+            img = img.convert("RGB")
+        return img, self.labels[j]
+
+
+class _FileList(Dataset):
+    """``(path, label)`` samples read with torchvision's default PIL loader."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]]):
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return default_loader(path), label
+
+
+# ---------------------------------------------------------------- per-dataset openers
+# ``open(root, split, download) -> Source`` with split in the spec's official splits.
+
+def _open_cifar(cls):
+    def open_(root: Path, split: str, download: bool) -> Source:
+        ds = cls(str(root), train=split == "train", download=download)
+        return Source(ds, ds.targets, md.clean_classnames(ds.classes))
+    return open_
+
+
+def _open_mnist(root: Path, split: str, download: bool) -> Source:
+    ds = tvd.MNIST(str(root), train=split == "train", download=download)
+    return Source(ds, ds.targets.tolist(), md.DIGITS)
+
+
+def _open_svhn(root: Path, split: str, download: bool) -> Source:
+    ds = tvd.SVHN(str(root / "svhn"), split=split, download=download)
+    return Source(ds, ds.labels.tolist(), md.DIGITS)        # torchvision maps label 10 -> 0
+
+
+def _open_gtsrb(root: Path, split: str, download: bool) -> Source:
+    ds = tvd.GTSRB(str(root), split=split, download=download)
+    if split == "train":   # torchvision numbers the class folders it finds; use their ClassId
+        labels = [int(Path(path).parent.name) for path, _ in ds._samples]
+    else:                  # test labels come from GT-final_test.csv's ClassId
+        labels = [int(t) for _, t in ds._samples]
+    _check_range("gtsrb", labels, len(md.GTSRB))
+    return Source(ds, labels, md.GTSRB)
+
+
+def _open_dtd(root: Path, split: str, download: bool) -> Source:
+    ds = tvd.DTD(str(root), split=split, partition=1, download=download)
+    # torchvision derives classes from the split list; index by the image folders instead
+    # so train and test always agree
+    folders = sorted(p.name for p in (root / "dtd" / "dtd" / "images").iterdir() if p.is_dir())
+    remap = [folders.index(c) for c in ds.classes]
+    return Source(ds, [remap[t] for t in ds._labels], md.clean_classnames(folders))
+
+
+def _open_eurosat(root: Path, split: str, download: bool) -> Source:
+    ds = tvd.EuroSAT(str(root), download=download)
+    names = [md.EUROSAT.get(c, md.clean_classname(c)) for c in ds.classes]
+    return Source(ds, ds.targets, names)
+
+
+def _open_cars(root: Path, split: str, download: bool) -> Source:
+    ds = tvd.StanfordCars(str(root), split=split)
+    return Source(ds, [int(t) for _, t in ds._samples], [str(c).strip() for c in ds.classes])
+
+
+def _open_sun397(root: Path, split: str, download: bool) -> Source:
+    ds = tvd.SUN397(str(root))
+    data_dir = root / "SUN397"
+    # torchvision lists files with rglob (file-system order): sort them by relative path
+    rel = [Path(p).relative_to(data_dir).as_posix() for p in ds._image_files]
+    order = sorted(range(len(rel)), key=rel.__getitem__)
+    return Source(ds, ds._labels, md.clean_classnames(ds.classes), order)
+
+
+def _open_imagenet(root: Path, split: str, download: bool) -> Source:
+    from torchvision.datasets.imagenet import load_meta_file
+
+    inet = root / "imagenet"
+    ds = tvd.ImageNet(str(inet), split="train" if split == "train" else "val")
+    wnids = sorted(load_meta_file(str(inet))[0])             # the 1000 devkit classes
+    if len(wnids) != len(md.IMAGENET):
+        raise RuntimeError(f"{inet / 'meta.bin'} lists {len(wnids)} classes, expected "
+                           f"{len(md.IMAGENET)} (ILSVRC2012)")
+    remap = [wnids.index(w) for w in ds.wnids]                # folder subset -> 1000 classes
+    return Source(ds, [remap[t] for t in ds.targets], md.IMAGENET)
+
+
+def _open_resisc45(root: Path, split: str, download: bool) -> Source:
+    image_dir = root / "NWPU-RESISC45"
+    with open(root / f"resisc45-{split}.txt", encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    index = {c: i for i, c in enumerate(md.RESISC45_FOLDERS)}
+    samples, missing = [], []
+    for fname in names:                                         # e.g. "sea_ice_042.jpg"
+        cls = fname.rsplit("_", 1)[0]
+        if cls not in index:
+            raise RuntimeError(f"resisc45-{split}.txt lists {fname!r}, whose class {cls!r} "
+                               f"is not one of the 45 RESISC45 classes")
+        path = image_dir / cls / fname
+        if not path.is_file():
+            missing.append(str(path.relative_to(root)))
+        samples.append((str(path), index[cls]))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images of resisc45-{split}.txt are missing, "
+                                f"e.g. {', '.join(missing[:3])}")
+    return Source(_FileList(samples), [t for _, t in samples],
+                  md.clean_classnames(md.RESISC45_FOLDERS))
+
+
+def _check_range(name: str, labels: Sequence[int], n: int) -> None:
+    bad = sorted({t for t in labels if not 0 <= t < n})
+    if bad:
+        raise RuntimeError(f"{name}: labels {bad[:5]} outside 0..{n - 1}")
+
+
+# ------------------------------------------------------------------------------- specs
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    description: str
+    open: Callable[[Path, str, bool], Source]
+    protocol: str                                  # carve_val | three_way | official
+    layout: str                                    # expected on-disk layout under root
+    how_to_get: str
+    # official split -> paths under root that must exist; a tuple entry means "any of"
+    required: Mapping[str, Sequence[str | tuple[str, ...]]]
+    val_fraction: float = 0.0                      # carve_val only
+    can_download: bool = False                     # dataset.download=true works
+
+    def official_split(self, split: str) -> str:
+        """The on-disk split a requested split is read from."""
+        if self.protocol == "three_way":
+            return "all"
+        if self.protocol == "official":
+            return "train" if split == "reference" else split
+        return "test" if split == "test" else "train"
+
+
+_TV_DOWNLOAD = ("Set dataset.download=true and torchvision downloads and extracts it under "
+                "root (once; needs network access), or place the files there yourself.")
+_THREE_WAY = {"val": 0.1, "test": 0.1}
+
+SPECS: dict[str, Spec] = {s.name: s for s in [
+    Spec("cifar10", "CIFAR-10 (10 classes, 50k train / 10k test, 32x32)",
+         _open_cifar(tvd.CIFAR10), "carve_val", val_fraction=0.1, can_download=True,
+         layout="cifar-10-batches-py/\n  data_batch_1 ... data_batch_5\n  test_batch\n"
+                "  batches.meta",
+         how_to_get=_TV_DOWNLOAD + " The files are the 'CIFAR-10 python version' archive "
+                    "(cifar-10-python.tar.gz) from the dataset's official page.",
+         required={"train": ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/batches.meta"],
+                   "test": ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"]}),
+    Spec("cifar100", "CIFAR-100 (100 fine classes, 50k train / 10k test, 32x32)",
+         _open_cifar(tvd.CIFAR100), "carve_val", val_fraction=0.1, can_download=True,
+         layout="cifar-100-python/\n  train\n  test\n  meta",
+         how_to_get=_TV_DOWNLOAD + " The files are the 'CIFAR-100 python version' archive "
+                    "(cifar-100-python.tar.gz) from the dataset's official page.",
+         required={"train": ["cifar-100-python/train", "cifar-100-python/meta"],
+                   "test": ["cifar-100-python/test", "cifar-100-python/meta"]}),
+    Spec("mnist", "MNIST handwritten digits (10 classes, 60k train / 10k test, 28x28 grey)",
+         _open_mnist, "carve_val", val_fraction=0.1, can_download=True,
+         layout="MNIST/raw/\n  train-images-idx3-ubyte\n  train-labels-idx1-ubyte\n"
+                "  t10k-images-idx3-ubyte\n  t10k-labels-idx1-ubyte",
+         how_to_get=_TV_DOWNLOAD + " (the four idx files, gunzipped).",
+         required={"train": ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte"],
+                   "test": ["MNIST/raw/t10k-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"]}),
+    Spec("svhn", "SVHN cropped digits (10 classes, 73k train / 26k test, 32x32)",
+         _open_svhn, "carve_val", val_fraction=0.2, can_download=True,
+         layout="svhn/\n  train_32x32.mat\n  test_32x32.mat",
+         how_to_get=_TV_DOWNLOAD + " The files are the 'Format 2: cropped digits' .mat files "
+                    "from the dataset's official page (extra_32x32.mat is not used). Note "
+                    "the svhn/ sub-folder: it is torchvision's SVHN root.",
+         required={"train": ["svhn/train_32x32.mat"], "test": ["svhn/test_32x32.mat"]}),
+    Spec("gtsrb", "German Traffic Sign Recognition Benchmark (43 classes, 26.6k train / 12.6k test)",
+         _open_gtsrb, "carve_val", val_fraction=0.1, can_download=True,
+         layout="gtsrb/\n  GTSRB/Training/00000/*.ppm ... GTSRB/Training/00042/*.ppm\n"
+                "  GTSRB/Final_Test/Images/*.ppm\n  GT-final_test.csv",
+         how_to_get=_TV_DOWNLOAD + " (GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip "
+                    "and GTSRB_Final_Test_GT.zip from the benchmark's official page).",
+         required={"train": ["gtsrb/GTSRB/Training"],
+                   "test": ["gtsrb/GTSRB/Final_Test/Images", "gtsrb/GT-final_test.csv"]}),
+    Spec("dtd", "Describable Textures, partition 1 (47 classes, 1880 train / 1880 test)",
+         _open_dtd, "carve_val", val_fraction=0.2, can_download=True,
+         layout="dtd/dtd/\n  images/<class>/<class>_NNNN.jpg\n  labels/train1.txt\n"
+                "  labels/test1.txt",
+         how_to_get=_TV_DOWNLOAD + " (dtd-r1.0.1.tar.gz from the dataset's official page, "
+                    "extracted into root/dtd/).",
+         required={"train": ["dtd/dtd/images", "dtd/dtd/labels/train1.txt"],
+                   "test": ["dtd/dtd/images", "dtd/dtd/labels/test1.txt"]}),
+    Spec("eurosat", "EuroSAT RGB (10 land-use classes, 27k images, 80/10/10 split)",
+         _open_eurosat, "three_way", can_download=True,
+         layout="eurosat/2750/\n  AnnualCrop/*.jpg\n  Forest/*.jpg\n  ...\n  SeaLake/*.jpg",
+         how_to_get=_TV_DOWNLOAD + " (the RGB EuroSAT.zip, extracted into root/eurosat/).",
+         required={"all": ["eurosat/2750"]}),
+    Spec("sun397", "SUN397 scenes (397 classes, ~108k images, 80/10/10 split)",
+         _open_sun397, "three_way",
+         layout="SUN397/\n  ClassName.txt\n  a/abbey/sun_*.jpg\n"
+                "  a/apartment_building/outdoor/sun_*.jpg\n  ...",
+         how_to_get="Automatic download is not available (the original archive host is "
+                    "unreliable, so dataset.download=true is not attempted). Download "
+                    "SUN397.tar.gz (about 37 GB) from the dataset's official page (the SUN "
+                    "database project) and extract it in root, so that "
+                    "root/SUN397/ClassName.txt exists.",
+         required={"all": ["SUN397/ClassName.txt"]}),
+    Spec("stanford_cars", "Stanford Cars (196 classes, 8144 train / 8041 test)",
+         _open_cars, "carve_val", val_fraction=0.2,
+         layout="stanford_cars/\n  devkit/cars_meta.mat\n  devkit/cars_train_annos.mat\n"
+                "  cars_train/*.jpg\n  cars_test_annos_withlabels.mat\n  cars_test/*.jpg",
+         how_to_get="Automatic download is not available: the original download location "
+                    "is gone and torchvision can no longer download Stanford Cars "
+                    "(dataset.download=true does not help). Get the train and test images, "
+                    "the devkit and cars_test_annos_withlabels.mat from a maintained copy of "
+                    "the dataset (community mirrors on the usual dataset hubs carry the "
+                    "original files) and arrange them as above.",
+         required={"train": ["stanford_cars/devkit/cars_meta.mat",
+                             "stanford_cars/devkit/cars_train_annos.mat", "stanford_cars/cars_train"],
+                   "test": ["stanford_cars/devkit/cars_meta.mat",
+                            "stanford_cars/cars_test_annos_withlabels.mat", "stanford_cars/cars_test"]}),
+    Spec("resisc45", "NWPU-RESISC45 remote sensing scenes (45 classes, official 18.9k/6.3k/6.3k split)",
+         _open_resisc45, "official",
+         layout="NWPU-RESISC45/<class>/<class>_NNN.jpg   (e.g. NWPU-RESISC45/sea_ice/sea_ice_042.jpg)\n"
+                "resisc45-train.txt\nresisc45-val.txt\nresisc45-test.txt",
+         how_to_get="Automatic download is not available. Download NWPU-RESISC45 from the "
+                    "dataset's official page (it ships as NWPU-RESISC45.rar) and extract it in "
+                    "root. The split lists resisc45-{train,val,test}.txt (one file name per "
+                    "line; 18,900 / 6,300 / 6,300 images) are the standard ones published by "
+                    "the TorchGeo project (torchgeo.datasets.RESISC45 downloads them) and "
+                    "used by the task-vectors / WiSE-FT code; put the three files in root.",
+         required={"train": ["NWPU-RESISC45", "resisc45-train.txt"],
+                   "val": ["NWPU-RESISC45", "resisc45-val.txt"],
+                   "test": ["NWPU-RESISC45", "resisc45-test.txt"]}),
+    Spec("imagenet", "ImageNet-1k (ILSVRC2012): the reference set for the PCA bases",
+         _open_imagenet, "carve_val", val_fraction=0.2,
+         layout="imagenet/\n  meta.bin             (or ILSVRC2012_devkit_t12.tar.gz)\n"
+                "  train/<wnid>/*.JPEG   (or ILSVRC2012_img_train.tar)\n"
+                "  val/<wnid>/*.JPEG     (or ILSVRC2012_img_val.tar)",
+         how_to_get="Automatic download is not available (ImageNet needs a registered "
+                    "account). Download ILSVRC2012_devkit_t12.tar.gz, ILSVRC2012_img_train.tar "
+                    "and ILSVRC2012_img_val.tar from the official ImageNet page "
+                    "(image-net.org) into root/imagenet/; torchvision unpacks them into "
+                    "meta.bin, train/ and val/ on first use (once; slow, ~150 GB). An "
+                    "already unpacked copy with meta.bin works as is. The official val set "
+                    "is our test split; val is carved from train.",
+         required={"train": [("imagenet/meta.bin", "imagenet/ILSVRC2012_devkit_t12.tar.gz"),
+                             ("imagenet/train", "imagenet/ILSVRC2012_img_train.tar")],
+                   "test": [("imagenet/meta.bin", "imagenet/ILSVRC2012_devkit_t12.tar.gz"),
+                            ("imagenet/val", "imagenet/ILSVRC2012_img_val.tar")]}),
+]}
+
+
+# ------------------------------------------------------------------------------ build
+
+def _missing(root: Path, required: Sequence[str | tuple[str, ...]]) -> list[str]:
+    out = []
+    for req in required:
+        options = (req,) if isinstance(req, str) else tuple(req)
+        if not any((root / p).exists() for p in options):
+            out.append(options[0] + "".join(f" (or {o})" for o in options[1:]))
+    return out
+
+
+def check_available(spec: Spec, root: Path, split: str) -> list[str]:
+    """Paths (relative to root) the requested split needs but that do not exist."""
+    return _missing(root, spec.required[spec.official_split(split)])
+
+
+_OPENED: dict[tuple[str, str, str], Source] = {}
+_MAX_OPENED = 4
+
+
+def clear_cache() -> None:
+    """Forget opened sources (after changing data on disk within one process)."""
+    _OPENED.clear()
+
+
+def _open(spec: Spec, root: Path, official: str, download: bool) -> Source:
+    """Open an official split, turning every way of failing into :class:`DatasetNotFound`.
+
+    Opened sources are cached per process (train, val and reference all read the official
+    train split; listing ImageNet's 1.28M files once is enough).
+    """
+    key = (spec.name, str(root), official)
+    if key in _OPENED:
+        return _OPENED[key]
+    src = _open_uncached(spec, root, official, download)
+    while len(_OPENED) >= _MAX_OPENED:
+        _OPENED.pop(next(iter(_OPENED)))
+    _OPENED[key] = src
+    return src
+
+
+def _open_uncached(spec: Spec, root: Path, official: str, download: bool) -> Source:
+    def not_found(missing=(), problem=None):
+        return DatasetNotFound(spec.name, root, spec.layout, spec.how_to_get, missing, problem)
+
+    missing = _missing(root, spec.required[official])
+    if missing and not (download and spec.can_download):
+        problem = None
+        if download:
+            problem = (f"dataset {spec.name!r}: data not found under root {str(root)!r} and "
+                       f"dataset.download=true cannot fetch it automatically.")
+        raise not_found(missing, problem)
+    downloading = bool(missing)           # only reached with download=true on a downloadable set
+    before = _entries(root) if downloading else set()
+    root_existed = root.exists()
+    try:
+        return spec.open(root, official, download)
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
+        if downloading:                   # leave no partial archive / half-extracted folder
+            _remove_new_entries(root, before, root_existed)
+        what = "could not be downloaded" if missing else "is incomplete or unreadable"
+        reason = re.sub(r"\w+://\S+", "<url>", str(e))      # keep messages free of hostnames
+        raise not_found(missing, f"dataset {spec.name!r}: the data under root {str(root)!r} "
+                                 f"{what}: {type(e).__name__}: {reason}") from e
+
+
+def _entries(root: Path) -> set[str]:
+    return {e.name for e in os.scandir(root)} if root.is_dir() else set()
+
+
+def _remove_new_entries(root: Path, before: set[str], root_existed: bool) -> None:
+    """Undo a failed download: drop what it created at the top of ``root``."""
+    for name in _entries(root) - before:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if not root_existed and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
+def _params(cfg) -> Mapping:
+    return getattr(cfg, "params", None) or {}
+
+
+def _split_file(cfg, key: str) -> Path:
+    splits_dir = _params(cfg).get("splits_dir")
+    return split_path(Path(str(cfg.root)).expanduser(), key, splits_dir)
+
+
+def _make(name: str, split: str, src: Source, positions: Sequence[int] | None,
+          templates: Sequence[str], transform) -> ClassificationSplit:
+    """Split over canonical ``positions`` of ``src`` (``None``: all of it)."""
+    canon = src.canonical()
+    base_idx = canon if positions is None else [canon[k] for k in positions]
+    return ClassificationSplit(src.base, base_idx, [src.labels[j] for j in base_idx],
+                               src.classnames, templates, name, split, transform,
+                               load=_LoadRGB(src.labels))
+
+
+def build(spec: Spec, cfg, split: str, transform=None) -> ClassificationSplit:
+    """Builder shared by every :class:`Spec` (``registry.build_split`` calls this)."""
+    root = Path(str(cfg.root)).expanduser().absolute()
+    download = bool(getattr(cfg, "download", False))
+    templates = md.TEMPLATES[spec.name]
+    official = spec.official_split(split)
+    src = _open(spec, root, official, download)
+    if spec.protocol == "official" or official == "test":
+        return _make(spec.name, split, src, None, templates, transform)
+    fractions = _THREE_WAY if spec.protocol == "three_way" else {"val": spec.val_fraction}
+    canon_targets = [src.labels[j] for j in src.canonical()]
+    parts = load_or_create(_split_file(cfg, spec.name), dataset=spec.name,
+                           targets=canon_targets, fractions=fractions)
+    return _make(spec.name, split, src, parts["train" if split == "reference" else split],
+                 templates, transform)
+
+
+def _register(spec: Spec) -> None:
+    register_dataset(spec.name, description=spec.description,
+                     how_to_get=spec.how_to_get, layout=spec.layout, protocol=spec.protocol,
+                     can_download=spec.can_download
+                     )(lambda cfg, split, transform=None: build(spec, cfg, split, transform))
+
+
+for _spec in SPECS.values():
+    _register(_spec)
+
+
+# ------------------------------------------------------------------------ image_folder
+
+IMAGE_FOLDER_LAYOUT = ("train/<class>/*.jpg|png|...\ntest/<class>/*.jpg|png|...\n"
+                       "val/<class>/*   (optional; without it val is carved from train)")
+IMAGE_FOLDER_HOW = ("Point dataset.root at a folder holding one sub-folder per split and, "
+                    "inside, one sub-folder per class (the folder name is the class name; "
+                    "underscores read as spaces). Without val/, val is carved from train "
+                    "(stratified, seed 42, dataset.params.val_fraction, default 0.1) and "
+                    "stored in root/.residual_exp_splits/image_folder.json. Prompt templates: "
+                    "dataset.params.templates (a list with one {} each).")
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+@register_dataset("image_folder", description="your own class-per-folder data (train/ test/ [val/])",
+                  how_to_get=IMAGE_FOLDER_HOW, layout=IMAGE_FOLDER_LAYOUT, protocol="carve_val",
+                  can_download=False)
+def build_image_folder(cfg, split: str, transform=None) -> ClassificationSplit:
+    root = Path(str(cfg.root)).expanduser().absolute()
+    params = _params(cfg)
+    has_val = (root / "val").is_dir()
+    official = {"reference": "train"}.get(split, split)
+    if official == "val" and not has_val:
+        official = "train"
+    needed = ["train"] + ([official] if official != "train" else [])
+    missing = [d + "/" for d in needed if not (root / d).is_dir()]
+    if missing:
+        raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW, missing)
+
+    classes = _class_dirs(root / "train")                 # the class list of every split
+    extra = sorted(set(_class_dirs(root / official)) - set(classes))
+    if not classes or extra:
+        problem = (f"dataset 'image_folder': {root / 'train'} has no class folders" if not classes
+                   else f"dataset 'image_folder': {root / official} has class folders that "
+                        f"train/ lacks: {', '.join(extra)}")
+        raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW,
+                              problem=problem)
+    samples = make_dataset(str(root / official), {c: i for i, c in enumerate(classes)},
+                           extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW,
+                              problem=f"dataset 'image_folder': no images under {root / official}")
+    src = Source(_FileList(samples), [t for _, t in samples], md.clean_classnames(classes))
+    templates = list(params.get("templates") or md.TEMPLATES["image_folder"])
+
+    if split == "test" or has_val:            # read a folder as is
+        return _make("image_folder", split, src, None, templates, transform)
+    parts = load_or_create(_split_file(cfg, "image_folder"), dataset="image_folder",
+                           targets=src.labels,
+                           fractions={"val": float(params.get("val_fraction", 0.1))})
+    return _make("image_folder", split, src, parts["train" if split == "reference" else split],
+                 templates, transform)

@@ -263,6 +263,20 @@ def _pretrain(cfg) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """Keep our INFO logs, silence the chatter of libraries that log to the root logger."""
+    root = logging.getLogger()
+    if root.level < logging.WARNING:
+        root.setLevel(logging.WARNING)
+    logging.getLogger("residual_exp").setLevel(logging.INFO)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
 def run(cfg: DictConfig) -> int:
     """Run the task selected by ``cfg.task.name``; returns the process exit code."""
+    quiet_libraries()
     return int(_task(cfg.task.name)(cfg) or 0)

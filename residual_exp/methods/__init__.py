@@ -46,7 +46,7 @@ def build_adapter(method_cfg, pca_cfg, layout, output_dim: int, unit_basis=None,
     if name == "residual_coarse":
         return HeadScaling(selected, len(layout), others=method_cfg.others, other_mean=other_mean,
                            init=method_cfg.init, generator=g)
-    basis = unit_basis.select(selected).prune(evr=pca_cfg.evr, k=pca_cfg.k)
+    basis = unit_basis.select(selected).prune(evr=pca_cfg.evr, k=pca_cfg.k).compact()
     return SpectralReweighting(basis, selected, len(layout), others=method_cfg.others,
                                other_mean=other_mean, dropped_value=method_cfg.dropped_value,
                                init=method_cfg.init, generator=g)

@@ -108,6 +108,21 @@ class InspectDataTask(TaskConfig):
 
 
 @dataclass
+class ReportTask(TaskConfig):
+    """Collect results.json files into a paper-style table, CSV and plots."""
+    name: str = "report"
+    run_dirs: List[str] = field(default_factory=list)   # extra run dirs besides `sweep_dir`
+    out_dir: Optional[str] = None                         # default: <sweep_dir>/report
+    lambda_run: Optional[str] = None                      # run dir whose λ spectra to plot
+
+
+@dataclass
+class AnalysisTask(TaskConfig):
+    """Run the analysis selected by the `analysis` group."""
+    name: str = "analysis"
+
+
+@dataclass
 class PretrainTask(TaskConfig):
     """Contrastive pretraining of the embedded tiny CLIP on synthetic captions."""
     name: str = "pretrain_tiny_clip"
@@ -128,6 +143,8 @@ class Config:
     pca: PCAConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: Any = None
+    analysis: Any = None               # `analysis=NAME` (task=analysis)
+    sweep_dir: Optional[str] = None    # task=report: the sweep (or any folder of runs) to collect
     cache: CacheConfig = field(default_factory=CacheConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
@@ -140,5 +157,6 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for name, node in [("train_schema", TaskConfig), ("check_decomposition_schema", CheckDecompositionTask),
-                       ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask)]:
+                       ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask),
+                       ("report_schema", ReportTask), ("analysis_schema", AnalysisTask)]:
         cs.store(group="task", name=name, node=node)

@@ -251,7 +251,14 @@ def _task(name: str):
         return inspect_data
     if name == "pretrain_tiny_clip":
         return _pretrain
-    raise KeyError(f"task.name={name!r}; valid: train, check_decomposition, inspect_data, pretrain_tiny_clip")
+    if name == "report":
+        from .tasks.report import report
+        return report
+    if name == "analysis":
+        from .tasks.analysis import analysis
+        return analysis
+    raise KeyError(f"task.name={name!r}; valid: train, check_decomposition, inspect_data, "
+                   "pretrain_tiny_clip, report, analysis")
 
 
 def _pretrain(cfg) -> int:

@@ -38,11 +38,15 @@ class AdapterModule(pl.LightningModule):
         if self.prepare_on_the_fly:
             if self.adapter.needs == "images":
                 inputs = {"images": inputs["images"]}
-            elif "images" in inputs:   # backbone in the loop: decompose live, then prepare
-                units, feature = self._backbone[0].decompose(inputs["images"])
-                inputs = self.adapter.prepare(units, feature)
-            else:                      # streamed cache: raw units/features → prepared
-                inputs = self.adapter.prepare(inputs.get("units"), inputs.get("feature"))
+            else:
+                with torch.no_grad():  # prepare() holds no trainable parameter
+                    if "images" in inputs:   # backbone in the loop: decompose live, then prepare
+                        bb = self._backbone[0]
+                        images = inputs["images"].to(next(bb.parameters()).dtype)
+                        units, feature = bb.decompose(images)
+                    else:                    # streamed cache: raw rows, prepared per batch
+                        units, feature = inputs.get("units"), inputs.get("feature")
+                    inputs = self.adapter.prepare(units, feature)
         return self.head(self.adapter(**inputs))
 
     def _step(self, batch: dict, metric) -> torch.Tensor:

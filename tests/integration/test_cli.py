@@ -1,0 +1,59 @@
+"""The CLI end to end on tiny sizes: results.json contract, table, exit codes, messages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from residual_exp.run import RESULT_KEYS
+from tests.conftest import ROOT, TINY_DATA
+
+
+def _cli(args, tmp_path, check=True):
+    env = dict(os.environ, RESIDUAL_EXP_ROOT=str(tmp_path), WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "residual_exp", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_default_pipeline_writes_results_json(tmp_path):
+    proc = _cli(["trainer=fast", "logger=csv", *TINY_DATA], tmp_path)
+    runs = list((tmp_path / "outputs" / "runs").rglob("results.json"))
+    assert len(runs) == 1
+    records = json.loads(runs[0].read_text())
+    assert [r["method"] for r in records] == ["base", "residual_full"]
+    for r in records:
+        assert set(RESULT_KEYS) <= set(r), set(RESULT_KEYS) - set(r)
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["model"] == "tiny_clip"
+    assert records[0]["trainable_params"] == 0
+    assert records[1]["trainable_params"] == (16 + 4) * 64
+    assert records[0]["test_accuracy"] == records[1]["zero_shot_test_accuracy"]
+    run_dir = runs[0].parent
+    assert (run_dir / "lambda.safetensors").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+    assert "zero-shot test" in proc.stdout and "residual_full" in proc.stdout   # the printed table
+    # caches were written and are reused by a second run (no re-encoding)
+    assert list((tmp_path / "outputs" / "cache" / "encodings").glob("*.json"))
+
+
+def test_misspelt_override_fails_with_the_key_named(tmp_path):
+    proc = _cli(["trainer.max_epoch=3"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "max_epoch" in proc.stderr and "Traceback" not in proc.stderr.split("Key")[0][-200:]
+
+
+def test_multirun_over_methods(tmp_path):
+    _cli(["-m", "method=base,residual_coarse", "trainer=fast", "logger=none", *TINY_DATA], tmp_path)
+    results = sorted((tmp_path / "outputs" / "sweeps").rglob("results.json"))
+    assert len(results) == 2
+    methods = {json.loads(p.read_text())[-1]["method"] for p in results}
+    assert methods == {"base", "residual_coarse"}
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    out = _cli(["--help"], tmp_path).stdout
+    for group in ("model", "dataset", "method", "pca", "trainer", "logger", "task"):
+        assert f"{group}:" in out

@@ -125,6 +125,7 @@ def save_tiny_clip(model, tokenizer: WordTokenizer, path: str | os.PathLike, met
     try:
         save_file(state, str(tmp), metadata={"vocab": json.dumps(tokenizer.vocab),
                                              **{k: str(v) for k, v in meta.items()}})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,9 @@ def train(cfg: DictConfig) -> int:
         logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
         code = 1
         try:
-            res = fit_and_test(module, loaders, cfg.trainer, run_dir, logger, device,
-                               grad_clip=cfg.method.grad_clip, seed=cfg.seed)
+            with training_threads(adapter, cfg.trainer, device, in_loop):
+                res = fit_and_test(module, loaders, cfg.trainer, run_dir, logger, device,
+                                   grad_clip=cfg.method.grad_clip, seed=cfg.seed)
             _save_trained(adapter, backbone.layout, run_dir / "lambda.safetensors", method)
             rec = dict(common, method=method, trainable_params=adapter.trainable_params(),
                        val_accuracy=res.val_accuracy, test_accuracy=res.test_accuracy,
@@ -182,6 +184,24 @@ def train(cfg: DictConfig) -> int:
     print(format_table(records))
     print(f"results: {path}")
     return 0
+
+
+@contextmanager
+def training_threads(adapter, trainer_cfg, device: str, in_loop: bool):
+    """Torch CPU threads while λ trains.  Steps over cached tensors of a small adapter are
+    far below the cost of waking a thread pool (10× slower on a busy 2-core machine), so
+    ``trainer.cpu_threads=null`` uses one thread when ``batch × adapter size < 2·10⁸``."""
+    n = trainer_cfg.cpu_threads
+    if n is None and str(device) == "cpu" and not in_loop:
+        size = sum(t.numel() for t in list(adapter.parameters()) + list(adapter.buffers()))
+        n = 1 if size * trainer_cfg.batch_size < 2e8 else None
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _accuracy(head, features) -> torch.Tensor:
@@ -284,6 +304,15 @@ def quiet_libraries() -> None:
 
 
 def run(cfg: DictConfig) -> int:
-    """Run the task selected by ``cfg.task.name``; returns the process exit code."""
+    """Run the task selected by ``cfg.task.name``; returns the process exit code.
+
+    ``task=train`` is resumable (:mod:`.sweep`): with ``resume=true`` (the default) a job
+    whose results are already in ``outputs/results`` for the same resolved config is not
+    run again, only copied into the new run dir.
+    """
     quiet_libraries()
-    return int(_task(cfg.task.name)(cfg) or 0)
+    task = _task(cfg.task.name)
+    if cfg.task.name == "train":
+        from .sweep import resumable
+        task = resumable(task)
+    return int(task(cfg) or 0)

@@ -1,0 +1,119 @@
+"""Spectral similarity of units across datasets and across models (tables and grids).
+
+Builds on :func:`~residual_exp.spectral.unit_similarity` / :func:`~residual_exp.spectral.cross_similarity`
+(normalised spectral cosine between EVR-pruned PCA bases, weighted by sqrt eigenvalues or not).
+
+Across datasets (same model). Unit u's basis fitted on the reference set and on dataset X live
+in the same space (the model's output space), so the spectral cosine of the two bases directly
+says whether the unit spans the same principal directions, with the same spectrum, on X as on
+the reference.  :func:`dataset_similarity` → a ``[layers, heads]`` grid per dataset.
+
+Across models.  Units of *different* models live in different spaces: even when the output
+dimensions agree (CLIP-B/16 from OpenAI vs OpenCLIP-B/16, both 512-d), coordinate i of one
+model has nothing to do with coordinate i of the other, so the cosine between their principal
+directions is not a similarity of anything.  Comparing directions would need an alignment of
+the two spaces first (e.g. a map fitted on paired images), which this project does not do.
+What *is* comparable is the pattern each model shows in its own space: per layer (relative
+depth), how similar its heads stay between the reference and each dataset.  Two modes
+(``cross_model``):
+
+* ``profile`` (default): :func:`profile_correlation` correlates, between every two models, their
+  per-(dataset, relative-depth) mean head similarity (Pearson r over the flattened profiles,
+  after resampling both to a common number of depth bins when the depths differ);
+* ``raw``: :func:`cross_model_grid` compares head directions across two models directly, only
+  allowed when the output dims match, and only meaningful when the models share their output
+  space (e.g. a model and a fine-tuned copy, or the same weights in two precisions); the
+  caller is told so.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..spectral import PCABasis, cross_similarity, unit_similarity
+
+__all__ = ["dataset_similarity", "grid_of", "layer_profile", "profile_correlation", "cross_model_grid",
+           "similarity_rows"]
+
+
+def grid_of(values: Sequence[float], layers: Sequence[int], heads: Sequence[int],
+            num_layers: int, num_heads: int) -> np.ndarray:
+    """Scatter per-head values into a ``[num_layers, num_heads]`` grid (NaN where no head)."""
+    g = np.full((num_layers, num_heads), np.nan)
+    for v, l, h in zip(values, layers, heads):
+        g[int(l), int(h)] = float(v)
+    return g
+
+
+def dataset_similarity(ref: PCABasis, other: PCABasis, indices: Sequence[int], weighted: bool,
+                       evr: float | None) -> np.ndarray:
+    """Spectral cosine of unit ``indices[i]`` between ``ref`` and ``other`` → ``[len(indices)]``."""
+    idx = list(indices)
+    return unit_similarity(ref.select(idx), other.select(idx), weighted=weighted, evr=evr).cpu().numpy()
+
+
+def similarity_rows(model: str, dataset: str, variant: str, names: Sequence[str], layers: Sequence[int],
+                    heads: Sequence[int], values: Sequence[float]) -> list[dict]:
+    return [{"model": model, "dataset": dataset, "variant": variant, "unit": n, "layer": int(l),
+             "head": int(h), "similarity": float(v)} for n, l, h, v in zip(names, layers, heads, values)]
+
+
+def layer_profile(grid: np.ndarray) -> np.ndarray:
+    """Mean over heads of every layer of a ``[L, H]`` grid → ``[L]`` (NaN cells ignored)."""
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.where(np.isfinite(grid), grid, np.nan), axis=1)
+
+
+def _resample(profile: np.ndarray, n: int) -> np.ndarray:
+    """Linear interpolation of a per-layer profile onto ``n`` points of relative depth [0, 1]."""
+    profile = np.asarray(profile, float)
+    if len(profile) == n:
+        return profile
+    src = np.linspace(0.0, 1.0, len(profile))
+    return np.interp(np.linspace(0.0, 1.0, n), src, profile)
+
+
+def profile_correlation(profiles: Mapping[str, Mapping[str, np.ndarray]]) -> list[dict]:
+    """Pearson r between every two models' similarity profiles.
+
+    ``profiles[model][dataset]`` is the ``[L_model]`` per-layer mean head similarity.  For each
+    pair of models the profiles of the datasets both have are resampled to a common depth
+    (the smaller L) and concatenated; r is computed over those values (NaN if < 3 values or
+    no variance).  Rows: ``model_a, model_b, n_values, pearson_r, mean_abs_diff``.
+    """
+    models = list(profiles)
+    rows = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            common = [d for d in profiles[a] if d in profiles[b]]
+            va, vb = [], []
+            for d in common:
+                n = min(len(profiles[a][d]), len(profiles[b][d]))
+                va.append(_resample(profiles[a][d], n))
+                vb.append(_resample(profiles[b][d], n))
+            x = np.concatenate(va) if va else np.zeros(0)
+            y = np.concatenate(vb) if vb else np.zeros(0)
+            ok = np.isfinite(x) & np.isfinite(y)
+            x, y = x[ok], y[ok]
+            r = float("nan")
+            if x.size >= 3 and x.std() > 0 and y.std() > 0:
+                r = float(np.corrcoef(x, y)[0, 1])
+            rows.append({"model_a": a, "model_b": b, "datasets": ",".join(common), "n_values": int(x.size),
+                         "pearson_r": r, "mean_abs_diff": float(np.abs(x - y).mean()) if x.size else float("nan")})
+    return rows
+
+
+def cross_model_grid(basis_a: PCABasis, idx_a: Sequence[int], basis_b: PCABasis, idx_b: Sequence[int],
+                     weighted: bool, evr: float | None) -> np.ndarray:
+    """``[len(idx_a), len(idx_b)]`` spectral cosine between units of two models (``raw`` mode).
+
+    Raises ``ValueError`` when the output dims differ: there is no common space to compare in.
+    """
+    if basis_a.dim != basis_b.dim:
+        raise ValueError(f"output dims differ ({basis_a.dim} vs {basis_b.dim}): units of the two models "
+                         "live in different spaces; use cross_model=profile")
+    out = cross_similarity(basis_a.select(list(idx_a)), basis_b.select(list(idx_b)).to(
+        device=basis_a.mean.device), weighted=weighted, evr=evr)
+    return out.cpu().numpy() if torch.is_tensor(out) else np.asarray(out)

@@ -160,3 +160,4 @@ def register_configs() -> None:
                        ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask),
                        ("report_schema", ReportTask), ("analysis_schema", AnalysisTask)]:
         cs.store(group="task", name=name, node=node)
+    __import__("residual_exp.analysis.config", fromlist=["_"]).register_analysis_configs()  # group `analysis`

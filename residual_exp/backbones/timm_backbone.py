@@ -1,0 +1,397 @@
+"""timm Vision Transformers: ``vit_l``, ``dinov2_l`` and the generic
+``model=timm model.arch=… model.pretrained=<timm tag | HF ViT repo | null>``.
+
+Any CLS-pooled timm :class:`~timm.models.vision_transformer.VisionTransformer`
+(``global_pool='token'``, standard pre-norm ``Block``\\ s, final ``norm`` before the pool,
+no ``fc_norm``, no attention pool) decomposes exactly into residual units at the CLS token:
+
+* ``embed``   the CLS row of the stream entering block 0 (cls/pos embed, register tokens
+              and ``norm_pre`` already applied; CLS is index 0 in timm, registers follow it)
+* ``LlHh``    per-head outputs: a forward pre-hook on ``block.attn.proj`` sees the head
+              concatenation ``[B, N, H·Dh]`` for free (timm's ``Attention`` calls ``proj``
+              as a module); head h's unit is ``z_h @ W_O[:, h]ᵀ`` with
+              ``W_O = proj.weight.view(D, H, Dh)``, times LayerScale ``ls1.gamma`` (DINOv2)
+* ``Ll.mlp``  the CLS row of ``block.ls2``'s output (MLP × LayerScale)
+* ``attn_bias``, ``out_bias``  Σ_l ``proj.bias`` (× ``ls1.gamma``) and the final norm's β
+
+The feature is timm's pre-logits CLS feature after the final norm,
+``model.forward_head(model.forward_features(x), pre_logits=True)`` (1024-d for ViT-L); the
+final norm is pushed through :func:`~residual_exp.decompose.lens.layer_norm_lens` with
+``proj=None`` (no projection: units live in the model width).  No text tower: zero-shot
+classifiers for these models are class-mean image prototypes, built elsewhere.
+
+Weights (``model.pretrained`` / ``model.weights``):
+
+* a timm tag, e.g. ``augreg_in21k_ft_in1k``: ``timm.create_model("<arch>.<tag>", pretrained=True)``
+  (downloaded from the ``timm/`` hub repo, then cached);
+* a Hugging Face *transformers* ViT repo id (contains ``/``), e.g.
+  ``google/vit-large-patch16-224``: ``model.safetensors`` (or ``pytorch_model.bin``) and
+  ``config.json`` are fetched with ``huggingface_hub`` and the ``ViTForImageClassification``
+  state dict is converted to timm's key layout (:func:`convert_hf_vit_state_dict`); the
+  LayerNorm eps is taken from ``config.json`` (1e-12 for Google's ViTs; timm's default is 1e-6);
+* ``model.weights=/path/file.{pt,pth,bin,safetensors}``: a timm state dict, a transformers
+  ViT state dict (auto-detected and converted, eps from ``model.params.layer_norm_eps``,
+  default 1e-12) or any format timm's ``checkpoint_filter_fn`` understands (original DINOv2,
+  OpenAI CLIP, …); loaded strictly (after position-embedding resampling when
+  ``model.image_size`` differs from the checkpoint's grid);
+* ``model.pretrained=null``: random weights (tests, decomposition checks).
+
+``vit_l`` weights choice.  The paper's ViT-L/16 is Hugging Face ``google/vit-large-patch16-224``:
+Google's *original* ImageNet-21k pre-training fine-tuned on ImageNet-1k at 224 px.  timm has
+no copy of that run: ``vit_large_patch16_224.augreg_in21k_ft_in1k`` is a different training
+run (AugReg, Steiner et al. 2021: stronger augmentation/regularisation, other accuracy) and
+``vit_large_patch16_224.orig_in21k`` is the original 21k run *without* the 1k fine-tune.  So
+``vit_l`` defaults to the paper's checkpoint, ``model.pretrained=google/vit-large-patch16-224``,
+loaded into the identical timm architecture by key conversion (same pre-norm blocks, exact
+GELU, qkv bias, LN eps 1e-12), with the checkpoint's own preprocessing (224×224 bilinear
+squash resize, mean = std = 0.5).  ``model.pretrained=augreg_in21k_ft_in1k`` selects timm's
+AugReg run instead.
+
+Refused (:class:`UnsupportedArchitecture`): non-ViT models (ResNets, ConvNeXt, EVA, …),
+``global_pool`` other than ``'token'`` (avg/max pooling, SigLIP's ``map`` attention pool,
+``prr``), a non-identity ``fc_norm``, blocks that are not the standard pre-norm ``Block``
+(``ResPostBlock``: norm applied to the branch output; parallel blocks; subclasses that
+override ``forward``), attention modules other than timm's ``Attention`` or with
+``scale_norm`` (a LayerNorm over all heads before ``proj`` mixes heads), distilled ViTs
+(DeiT: the readout averages CLS and distillation tokens) and final norms other than
+LayerNorm.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..decompose.lens import layer_norm_lens
+from ..decompose.units import UnitLayout
+from .base import Backbone, UnsupportedArchitecture, register_backbone
+from .weights import WeightsUnavailable, check_local_file, offline_hint
+
+log = logging.getLogger(__name__)
+
+HF_VIT_LAYER_NORM_EPS = 1e-12   # transformers ViTConfig default (Google's ViT checkpoints)
+
+
+def _gamma(ls: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
+    """LayerScale's per-channel gamma, or None for ``nn.Identity``."""
+    g = getattr(ls, "gamma", None)
+    return None if g is None else g.to(like.dtype)
+
+
+def check_timm_vit(model: nn.Module) -> None:
+    """Refuse models whose readout is not linear in the CLS residual units (see module doc)."""
+    from timm.layers import Attention, LayerScale
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__} is not a timm VisionTransformer: only CLS-pooled ViTs decompose into "
+            "residual units (ResNets, ConvNeXt, EVA, Swin, … are not supported)")
+    for meth in ("forward_features", "forward_head", "pool"):
+        if getattr(type(model), meth) is not getattr(VisionTransformer, meth):
+            raise UnsupportedArchitecture(
+                f"{type(model).__name__} overrides VisionTransformer.{meth} (e.g. DeiT's distillation token "
+                "averaged into the readout): the readout is not the CLS token alone")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool != "token":
+        raise UnsupportedArchitecture(
+            f"global_pool={model.global_pool!r}: only CLS-token pooling ('token') is linear in the CLS "
+            "residual units (avg/max pooling mixes all tokens; 'map'/'prr' attention pooling as in SigLIP "
+            "is a non-linear readout)")
+    if not isinstance(model.fc_norm, nn.Identity):
+        raise UnsupportedArchitecture(
+            "fc_norm is set (norm applied after pooling instead of the final norm): not supported; "
+            "build the model with fc_norm=False")
+    if not isinstance(model.norm, (nn.LayerNorm, nn.Identity)):
+        raise UnsupportedArchitecture(
+            f"final norm {type(model.norm).__name__} is not a LayerNorm: the LayerNorm lens does not apply")
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block, Block) or type(block).forward is not Block.forward:
+            raise UnsupportedArchitecture(
+                f"blocks[{i}] is {type(block).__name__}, not timm's pre-norm Block (x + ls(attn(norm(x)))): "
+                "ResPostBlock (norm on the branch output), parallel blocks and custom blocks are not supported")
+        attn = block.attn
+        if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
+            raise UnsupportedArchitecture(
+                f"blocks[{i}].attn is {type(attn).__name__}, not timm's Attention: per-head outputs unavailable")
+        if not isinstance(attn.norm, nn.Identity):
+            raise UnsupportedArchitecture(
+                f"blocks[{i}].attn has scale_norm (a norm over all heads before proj): heads are mixed "
+                "before the output projection, so per-head units are undefined")
+        for ls_name in ("ls1", "ls2"):
+            ls = getattr(block, ls_name)
+            if not isinstance(ls, (LayerScale, nn.Identity)):
+                raise UnsupportedArchitecture(f"blocks[{i}].{ls_name} is {type(ls).__name__}, "
+                                              "not LayerScale or Identity")
+
+
+class TimmBackbone(Backbone):
+    """A CLS-pooled timm ViT; the feature is the pre-logits CLS token after the final norm."""
+
+    family = "timm"
+
+    def __init__(self, name: str, model: nn.Module, transform, image_size: int,
+                 logit_scale: float = 100.0) -> None:
+        check_timm_vit(model)
+        blocks = model.blocks
+        layout = UnitLayout.vit(len(blocks), blocks[0].attn.num_heads)
+        super().__init__(name, model.embed_dim, layout, transform, image_size, has_text=False,
+                         logit_scale=logit_scale)
+        self.model = model
+
+    @property
+    def vision(self) -> nn.Module:
+        return self.model
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)  # [B, D]
+
+    # --- decomposition ------------------------------------------------------------------
+    def _install(self, hs, store: dict) -> None:
+        # CLS rows are cloned: a view would keep each layer's whole [B, N, ·] activation alive
+        # until the units are built (views cost ×3 peak memory at B/16, batch 8, in open_clip;
+        # with the copies the decomposed forward peaks at the plain forward's memory).
+        blocks = self.model.blocks
+        store["heads"], store["mlps"] = [], []
+
+        def embed_hook(module, args):
+            store["embed"] = args[0][:, 0].clone()                        # [B, D] CLS entering block 0
+
+        hs.forward_pre_hook(blocks[0], embed_hook)
+        for block in blocks:
+            H, Dh = block.attn.num_heads, block.attn.head_dim
+
+            def head_hook(module, args, H=H, Dh=Dh):
+                z = args[0][:, 0].clone()                                 # [B, H·Dh] CLS row, heads concatenated
+                store["heads"].append(z.reshape(z.shape[0], H, Dh))       # [B, H, Dh]
+
+            hs.forward_pre_hook(block.attn.proj, head_hook)
+            hs.forward_hook(block.ls2, lambda m, i, o: store["mlps"].append(o[:, 0].clone()))  # [B, D]
+
+    def _units(self, store: dict) -> torch.Tensor:
+        blocks = self.model.blocks
+        assert len(store["heads"]) == len(blocks) == len(store["mlps"]), "hooks did not fire once per block"
+        embed = store["embed"]                                            # [B, D]
+        B, D = embed.shape
+        pieces = [embed[:, None]]                                         # [B, 1, D]
+        attn_bias = torch.zeros(B, D, dtype=embed.dtype, device=embed.device)
+        for block, z, mlp in zip(blocks, store["heads"], store["mlps"]):
+            proj = block.attn.proj
+            H, Dh = block.attn.num_heads, block.attn.head_dim
+            assert z.shape == (B, H, Dh), z.shape
+            w_o = proj.weight.view(D, H, Dh)                              # [D, H, Dh]
+            heads = torch.einsum("bhd,whd->bhw", z, w_o.to(z.dtype))      # [B, H, D]
+            b_o = proj.bias if proj.bias is not None else torch.zeros_like(embed[0])
+            g = _gamma(block.ls1, heads)
+            if g is not None:
+                heads, b_o = heads * g, b_o * g
+            attn_bias = attn_bias + b_o.to(embed.dtype)
+            pieces += [heads, mlp[:, None]]                               # [B, H, D], [B, 1, D]
+        pieces.append(attn_bias[:, None])
+        contribs = torch.cat(pieces, 1)                                   # [B, U - 1, D]
+        norm = self.model.norm
+        if isinstance(norm, nn.Identity):                                 # final_norm=False: no lens
+            return torch.cat([contribs, torch.zeros_like(contribs[:, :1])], 1)  # [B, U, D]
+        return layer_norm_lens(contribs, norm.weight, norm.bias, norm.eps, proj=None)
+
+
+# --- state dicts ----------------------------------------------------------------------
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch pickle (``.pt/.pth/.bin``), unwrapped
+    from a ``{"state_dict": …}`` / ``{"model": …}`` checkpoint if needed."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p))
+    sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{p}: expected a state dict (name → tensor), got {type(sd).__name__}")
+    return sd
+
+
+def is_hf_vit_state_dict(sd: dict) -> bool:
+    """A transformers ``ViTModel`` / ``ViTForImageClassification`` state dict?"""
+    return any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in sd)
+
+
+# transformers ViT per-layer names → timm names, for both layouts: the hub files
+# (``encoder.layer.N.attention.attention.query``, transformers < 5) and transformers ≥ 5's
+# in-memory modules (``layers.N.attention.q_proj``).
+_HF_LAYER = {
+    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
+    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1", "mlp.fc1": "mlp.fc1",
+    "output.dense": "mlp.fc2", "mlp.fc2": "mlp.fc2",
+    "layernorm_before": "norm1", "layernorm_after": "norm2",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+_HF_LAYER_RE = re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def convert_hf_vit_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ViT keys → timm ``VisionTransformer`` keys (q, k, v fused into ``qkv``).
+
+    Both the hub-file layout and transformers ≥ 5's module names are understood.  The pooler
+    (unused by the classifier) and the mask token are dropped; any other unknown key raises,
+    so nothing is silently lost.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, v in sd.items():
+        k = key[len("vit."):] if key.startswith("vit.") else key
+        if k.startswith("pooler.") or k == "embeddings.mask_token":
+            continue
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+            continue
+        m = _HF_LAYER_RE.match(k)
+        if m is None or m.group(2) not in _HF_LAYER:
+            raise KeyError(f"unexpected key {key!r} in a transformers ViT state dict")
+        i, target, kind = int(m.group(1)), _HF_LAYER[m.group(2)], m.group(3)
+        if target in ("q", "k", "v"):
+            qkv.setdefault((i, kind), {})[target] = v
+        else:
+            out[f"blocks.{i}.{target}.{kind}"] = v
+    for (i, kind), parts in qkv.items():
+        assert set(parts) == {"q", "k", "v"}, (i, kind, sorted(parts))
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)  # [3D, D] / [3D]
+    return out
+
+
+# --- construction ---------------------------------------------------------------------
+def _hf_hub_vit(repo: str, cache_dir: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state dict, config.json)`` of a transformers ViT repo, from the hub cache or the hub."""
+    from huggingface_hub import hf_hub_download
+    hint = offline_hint(f"the transformers ViT {repo} (config.json and model.safetensors or pytorch_model.bin)",
+                        "model.weights=/path/to/model.safetensors (the repo's file; "
+                        "set model.params.layer_norm_eps if its config.json differs from 1e-12)", cache_dir)
+    try:
+        config = json.loads(Path(hf_hub_download(repo, "config.json", cache_dir=cache_dir)).read_text())
+    except Exception as e:  # offline, missing repo, …
+        raise WeightsUnavailable(f"could not fetch {repo}/config.json: {type(e).__name__}: {e}\n{hint}") from e
+    errors = []
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            return load_state_dict_file(hf_hub_download(repo, fname, cache_dir=cache_dir)), config
+        except Exception as e:
+            errors.append(f"{fname}: {type(e).__name__}: {e}")
+    raise WeightsUnavailable(f"could not fetch the weights of {repo}: " + "; ".join(errors) + "\n" + hint)
+
+
+def create_timm(arch: str, pretrained: str | None = None, weights: str | None = None,
+                image_size: int | None = None, cache_dir: str | None = None,
+                params: dict | None = None) -> nn.Module:
+    """A timm ViT in eval mode with the requested weights (see the module docstring).
+
+    ``params.create_kwargs`` is passed to ``timm.create_model`` (e.g. ``{depth: 2}`` for
+    tests); ``params.layer_norm_eps`` sets the LayerNorm eps for transformers ViT files.
+    """
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    params = dict(params or {})
+    if arch not in timm.list_models():
+        raise KeyError(f"model.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*') "
+                       "(e.g. vit_large_patch16_224, vit_large_patch14_dinov2)")
+    kwargs = dict(params.get("create_kwargs") or {})
+    if image_size:
+        kwargs["img_size"] = int(image_size)
+    state_dict, source = None, None
+    if weights:
+        source = str(check_local_file(weights, "model.weights"))
+        state_dict = load_state_dict_file(source)
+        if is_hf_vit_state_dict(state_dict):
+            state_dict = convert_hf_vit_state_dict(state_dict)
+            eps = float(params.get("layer_norm_eps", HF_VIT_LAYER_NORM_EPS))
+            kwargs["norm_layer"] = functools.partial(nn.LayerNorm, eps=eps)
+    elif pretrained and "/" in pretrained:                    # a transformers ViT repo on the hub
+        source = pretrained
+        state_dict, hf_cfg = _hf_hub_vit(pretrained, cache_dir)
+        state_dict = convert_hf_vit_state_dict(state_dict)
+        eps = float(hf_cfg.get("layer_norm_eps", HF_VIT_LAYER_NORM_EPS))
+        kwargs["norm_layer"] = functools.partial(nn.LayerNorm, eps=eps)
+        if not image_size and "image_size" in hf_cfg:
+            kwargs["img_size"] = int(hf_cfg["image_size"])
+    if pretrained and not weights and "/" not in pretrained:  # a timm tag
+        name = f"{arch}.{pretrained}"
+        if not timm.list_pretrained(name):
+            tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+            raise KeyError(f"model.pretrained={pretrained!r} is not a timm tag of {arch}; valid: {tags} "
+                           "(or a transformers ViT repo id such as google/vit-large-patch16-224)")
+        try:
+            model = timm.create_model(name, pretrained=True, cache_dir=cache_dir, **kwargs)
+        except Exception as e:  # hub download failures surface as many exception types
+            hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id or "?"
+            raise WeightsUnavailable(
+                f"could not load timm weights {name} (hub repo {hub_id}, model.safetensors): "
+                f"{type(e).__name__}: {e}\n"
+                + offline_hint(f"timm {name}", "model.weights=/path/to/model.safetensors", cache_dir)) from e
+    else:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    check_timm_vit(model)
+    if state_dict is not None:
+        state_dict = checkpoint_filter_fn(state_dict, model)     # pos-embed resampling, foreign formats
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise KeyError(f"weights {source} do not match timm {arch}{kwargs and f' {kwargs}' or ''}: "
+                           f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
+                           f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}")
+    return model.eval()
+
+
+def timm_transform(model: nn.Module, image_size: int, overrides: dict | None = None):
+    """timm's eval preprocessing for ``model`` at ``image_size`` px.
+
+    ``overrides`` (``model.params.data_config``) replace fields of the model's pretrained data
+    config (``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``).
+    """
+    from timm.data import create_transform, resolve_data_config
+    data_cfg = resolve_data_config(dict(overrides or {}), model=model)
+    data_cfg["input_size"] = (3, image_size, image_size)   # the pretrained cfg may name another size
+    return create_transform(**data_cfg, is_training=False)
+
+
+def _build(cfg, default_arch: str | None = None) -> TimmBackbone:
+    arch = cfg.arch or default_arch
+    if not arch:
+        raise ValueError("model.arch is required for model=timm (e.g. model.arch=vit_large_patch16_224)")
+    params = dict(cfg.params or {})
+    model = create_timm(arch, cfg.pretrained, cfg.weights, cfg.image_size, cfg.cache_dir, params)
+    size = model.patch_embed.img_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    transform = timm_transform(model, size, params.get("data_config"))
+    return TimmBackbone(cfg.name, model, transform, size, logit_scale=cfg.logit_scale)
+
+
+@register_backbone("timm", "any CLS-pooled timm ViT: model.arch=… model.pretrained=<tag | HF ViT repo | null>")
+def build_timm(cfg):
+    return _build(cfg)
+
+
+@register_backbone("vit_l", "ViT-L/16 in21k→in1k (paper: google/vit-large-patch16-224, converted to timm)")
+def build_vit_l(cfg):
+    return _build(cfg, default_arch="vit_large_patch16_224")
+
+
+@register_backbone("dinov2_l", "DINOv2 ViT-L/14 (timm vit_large_patch14_dinov2.lvd142m) at 224 px")
+def build_dinov2_l(cfg):
+    return _build(cfg, default_arch="vit_large_patch14_dinov2")

@@ -82,7 +82,8 @@ class OpenClipBackbone(Backbone):
     def _install(self, hs, store: dict) -> None:
         visual = self.model.visual
         batch_first = getattr(visual.transformer, "batch_first", True)
-        cls = (lambda t: t[:, 0]) if batch_first else (lambda t: t[0])
+        # clone the CLS slices: a view would keep each layer's whole [B, N, W] activation alive
+        cls = (lambda t: t[:, 0].clone()) if batch_first else (lambda t: t[0].clone())
         store["heads"], store["mlps"] = [], []
         hs.forward_hook(visual.ln_pre, lambda m, i, o: store.__setitem__("embed", cls(o)))
         for block in visual.transformer.resblocks:
@@ -132,7 +133,7 @@ def _make_mha_forward(mha: nn.MultiheadAttention, sink: list, batch_first: bool)
         q, k, v = qkv.view(B, N, 3, H, W // H).permute(2, 0, 3, 1, 4)     # 3 × [B, H, N, Dh]
         p = mha.dropout if mha.training else 0.0
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # [B, H, N, Dh]
-        sink.append(z[:, :, 0])                                           # [B, H, Dh] CLS query
+        sink.append(z[:, :, 0].clone())                                   # [B, H, Dh] CLS query
         out = mha.out_proj(z.transpose(1, 2).reshape(B, N, W))            # [B, N, W]
         return (out if batch_first else out.transpose(0, 1)), None
 

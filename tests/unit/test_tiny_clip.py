@@ -20,7 +20,8 @@ def test_tiny_clip_units_sum_to_image_feature_float64():
     assert units.shape == (4, 1 + 4 * 4 + 4 + 2, 64)
     assert bb.layout.counts() == {"embed": 1, "head": 16, "mlp": 4, "const": 2}
     assert (units.sum(1) - feature).abs().max() <= 1e-10
-    assert torch.equal(feature, plain)          # hooks do not change the forward
+    # the instance forward computes attention with SDPA instead of MHA's kernel: same maths
+    assert (feature - plain).abs().max() <= 1e-12
     assert count_hooks(bb) == 0
 
 

@@ -165,8 +165,12 @@ def train(cfg: DictConfig) -> int:
         logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
         code = 1
         try:
-            with training_threads(adapter, cfg.trainer, device, in_loop):
-                res = fit_and_test(module, loaders, cfg.trainer, run_dir, logger, device,
+            trainer_cfg = cfg.trainer
+            if method == "finetune" and device.startswith("cuda") and trainer_cfg.precision == "32-true":
+                # fine-tuning a ViT-L in fp32 is needlessly slow: bf16 autocast (fp32 master weights)
+                trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": "bf16-mixed"})
+            with training_threads(adapter, trainer_cfg, device, in_loop):
+                res = fit_and_test(module, loaders, trainer_cfg, run_dir, logger, device,
                                    grad_clip=cfg.method.grad_clip, seed=cfg.seed)
             _save_trained(adapter, backbone.layout, run_dir / "lambda.safetensors", method)
             rec = dict(common, method=method, trainable_params=adapter.trainable_params(),
@@ -296,7 +300,8 @@ def quiet_libraries() -> None:
     if root.level < logging.WARNING:
         root.setLevel(logging.WARNING)
     logging.getLogger("residual_exp").setLevel(logging.INFO)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import warnings
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from ..decompose.lens import layer_norm_lens
+from ..decompose.stack import LayerPieces, residual_contributions
 from ..decompose.units import UnitLayout
 from .base import Backbone, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
@@ -207,21 +208,9 @@ class BlipBackbone(Backbone):
         vision = self.model.vision_model
         layers = vision.encoder.layers
         assert len(store["heads"]) == len(layers) == len(store["mlps"]), "hooks did not fire once per layer"
-        embed = store["embed"]                                            # [B, W]
-        B, W = embed.shape
-        pieces = [embed[:, None]]                                         # [B, 1, W]
-        attn_bias = torch.zeros(B, W, dtype=embed.dtype, device=embed.device)
-        for layer, z, mlp in zip(layers, store["heads"], store["mlps"]):
-            proj = layer.self_attn.projection
-            H, Dh = layer.self_attn.num_heads, layer.self_attn.head_dim
-            assert z.shape == (B, H, Dh), z.shape
-            w_o = proj.weight.view(W, H, Dh)                              # [W, H, Dh]
-            heads = torch.einsum("bhd,whd->bhw", z, w_o.to(z.dtype))      # [B, H, W]
-            if proj.bias is not None:
-                attn_bias = attn_bias + proj.bias.to(embed.dtype)
-            pieces += [heads, mlp[:, None]]                               # [B, H, W], [B, 1, W]
-        pieces.append(attn_bias[:, None])
-        contribs = torch.cat(pieces, 1)                                   # [B, U - 1, W]
+        contribs = residual_contributions(store["embed"], [
+            LayerPieces(z, l.self_attn.projection.weight, l.self_attn.projection.bias, None, mlp)
+            for l, z, mlp in zip(layers, store["heads"], store["mlps"])])      # [B, U - 1, W]
         ln, vp = vision.post_layernorm, self.model.vision_proj
         return layer_norm_lens(contribs, ln.weight, ln.bias, ln.eps, vp.weight.T, vp.bias)  # [B, U, D]
 

@@ -19,17 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..decompose.lens import layer_norm_lens
+from ..decompose.stack import LayerPieces, layer_scale, residual_contributions
 from ..decompose.units import UnitLayout
 from .base import Backbone, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
 
 log = logging.getLogger(__name__)
-
-
-def _gamma(ls: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
-    """LayerScale's per-channel gamma, or None for ``nn.Identity``."""
-    g = getattr(ls, "gamma", None)
-    return None if g is None else g.to(like.dtype)
 
 
 def check_open_clip_vision(visual: nn.Module) -> None:
@@ -94,23 +89,9 @@ class OpenClipBackbone(Backbone):
         visual = self.model.visual
         blocks = visual.transformer.resblocks
         assert len(store["heads"]) == len(blocks) == len(store["mlps"]), "hooks did not fire once per block"
-        embed = store["embed"]                                            # [B, W]
-        B, W = embed.shape
-        pieces = [embed[:, None]]
-        attn_bias = torch.zeros(B, W, dtype=embed.dtype, device=embed.device)
-        for block, z, mlp in zip(blocks, store["heads"], store["mlps"]):
-            mha = block.attn
-            H = mha.num_heads
-            w_o = mha.out_proj.weight.view(W, H, W // H)                  # [W, H, Dh]
-            heads = torch.einsum("bhd,whd->bhw", z, w_o.to(z.dtype))       # [B, H, W]
-            b_o = mha.out_proj.bias if mha.out_proj.bias is not None else torch.zeros_like(embed[0])
-            g = _gamma(block.ls_1, heads)
-            if g is not None:
-                heads, b_o = heads * g, b_o * g
-            attn_bias = attn_bias + b_o.to(embed.dtype)
-            pieces += [heads, mlp[:, None]]
-        pieces.append(attn_bias[:, None])
-        contribs = torch.cat(pieces, 1)                                   # [B, U - 1, W]
+        contribs = residual_contributions(store["embed"], [
+            LayerPieces(z, b.attn.out_proj.weight, b.attn.out_proj.bias, layer_scale(b.ls_1), mlp)
+            for b, z, mlp in zip(blocks, store["heads"], store["mlps"])])      # [B, U - 1, W]
         ln = visual.ln_post
         return layer_norm_lens(contribs, ln.weight, ln.bias, ln.eps, visual.proj)
 

@@ -70,6 +70,7 @@ import torch
 import torch.nn as nn
 
 from ..decompose.lens import layer_norm_lens
+from ..decompose.stack import LayerPieces, layer_scale, residual_contributions
 from ..decompose.units import UnitLayout
 from .base import Backbone, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
@@ -77,12 +78,6 @@ from .weights import WeightsUnavailable, check_local_file, offline_hint
 log = logging.getLogger(__name__)
 
 HF_VIT_LAYER_NORM_EPS = 1e-12   # transformers ViTConfig default (Google's ViT checkpoints)
-
-
-def _gamma(ls: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
-    """LayerScale's per-channel gamma, or None for ``nn.Identity``."""
-    g = getattr(ls, "gamma", None)
-    return None if g is None else g.to(like.dtype)
 
 
 def check_timm_vit(model: nn.Module) -> None:
@@ -177,24 +172,9 @@ class TimmBackbone(Backbone):
     def _units(self, store: dict) -> torch.Tensor:
         blocks = self.model.blocks
         assert len(store["heads"]) == len(blocks) == len(store["mlps"]), "hooks did not fire once per block"
-        embed = store["embed"]                                            # [B, D]
-        B, D = embed.shape
-        pieces = [embed[:, None]]                                         # [B, 1, D]
-        attn_bias = torch.zeros(B, D, dtype=embed.dtype, device=embed.device)
-        for block, z, mlp in zip(blocks, store["heads"], store["mlps"]):
-            proj = block.attn.proj
-            H, Dh = block.attn.num_heads, block.attn.head_dim
-            assert z.shape == (B, H, Dh), z.shape
-            w_o = proj.weight.view(D, H, Dh)                              # [D, H, Dh]
-            heads = torch.einsum("bhd,whd->bhw", z, w_o.to(z.dtype))      # [B, H, D]
-            b_o = proj.bias if proj.bias is not None else torch.zeros_like(embed[0])
-            g = _gamma(block.ls1, heads)
-            if g is not None:
-                heads, b_o = heads * g, b_o * g
-            attn_bias = attn_bias + b_o.to(embed.dtype)
-            pieces += [heads, mlp[:, None]]                               # [B, H, D], [B, 1, D]
-        pieces.append(attn_bias[:, None])
-        contribs = torch.cat(pieces, 1)                                   # [B, U - 1, D]
+        contribs = residual_contributions(store["embed"], [
+            LayerPieces(z, b.attn.proj.weight, b.attn.proj.bias, layer_scale(b.ls1), mlp)
+            for b, z, mlp in zip(blocks, store["heads"], store["mlps"])])      # [B, U - 1, D]
         norm = self.model.norm
         if isinstance(norm, nn.Identity):                                 # final_norm=False: no lens
             return torch.cat([contribs, torch.zeros_like(contribs[:, :1])], 1)  # [B, U, D]

@@ -76,118 +76,141 @@ def write_results(records: list[dict], run_dir: Path) -> Path:
 
 # --- the train task -----------------------------------------------------------------------
 def train(cfg: DictConfig) -> int:
-    from .backbones.base import build_backbone
+    """Zero-shot and ``cfg.method`` on ``cfg.dataset``: the stages below, in order."""
     from .cache import Cache
-    from .classifiers import ClassifierHead, prototype_weights, zero_shot_weights
     from .data.registry import build_split
-    from .encode import dataset_identity, encode_split, fit_bases, model_identity
-    from .methods import NEEDS_BASES, build_adapter
-    from .train.data import ImageItems, StreamedEncoded, batches, prepare_encoded
-    from .train.fit import fit_and_test
-    from .train.loggers import build_logger, finish_logger
-    from .train.module import AdapterModule
 
     t_start = time.time()
     seed_everything(cfg.seed)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    progress = cfg.trainer.progress_bar
     cache = Cache(cfg.cache.dir, enabled=cfg.cache.enabled)
-    method = cfg.method.name
 
-    backbone = build_backbone(cfg.model).to(device).eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    model_id = model_identity(cfg.model, cfg.seed)
-
+    backbone = frozen_backbone(cfg.model, device)
     splits = {s: build_split(cfg.dataset, s, backbone.transform) for s in ("train", "val", "test")}
-    classnames, templates = splits["train"].classnames, splits["train"].templates
     log.info("%s: %s", cfg.dataset.name, {s: len(d) for s, d in splits.items()})
+    enc = {s: encode(cfg, backbone, splits[s], cache, device) for s in splits}
+    head = frozen_classifier(cfg, backbone, splits["train"], enc["train"], cache, device)
 
-    def encoded(split: str):
-        ds = splits[split]
-        ident = {"model": model_id, "dataset": dataset_identity(cfg.dataset, split, len(ds), backbone.transform)}
-        return encode_split(backbone, ds, cache, ident, device, cfg.dataset.batch_size, cfg.dataset.num_workers,
-                            cfg.cache.dtype, cfg.cache.memory_budget_gb, progress)
-
-    enc = {s: encoded(s) for s in ("train", "val", "test")}
-
-    # frozen classifier
-    if backbone.has_text:
-        spec = {"model": model_id, "classnames": classnames, "templates": templates}
-        weights = cache.get_or_build("classifiers", spec,
-                                     build=lambda tmp: _save_tensor(tmp, zero_shot_weights(
-                                         backbone, classnames, templates, device, progress=progress).cpu()),
-                                     load=_load_tensor, suffix=".safetensors")
-    else:
-        weights = prototype_weights(torch.from_numpy(np.asarray(enc["train"].features)).float(),
-                                    torch.from_numpy(enc["train"].labels), len(classnames))
-    head = ClassifierHead(weights.float(), backbone.logit_scale)
-
-    zs = {s: _accuracy(head, enc[s].features) for s in ("val", "test")}
-    zs = {s: float((zs[s] == torch.from_numpy(enc[s].labels)).double().mean()) for s in zs}
+    zs = {s: accuracy(head, enc[s]) for s in ("val", "test")}
     common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
                   zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"])
     records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
                     wall_seconds=round(time.time() - t_start, 2))]
-
-    if method != "base":
-        t_method = time.time()
-        unit_basis = output_basis = None
-        if method in NEEDS_BASES or cfg.method.others == "mean":
-            ref_cfg = cfg.dataset if cfg.pca.reference is None else _reference_dataset_cfg(cfg)
-            ref = build_split(ref_cfg, cfg.pca.split, backbone.transform)
-            if cfg.pca.max_samples and len(ref) > cfg.pca.max_samples:
-                ref = torch.utils.data.Subset(ref, _subsample(len(ref), cfg.pca.max_samples, cfg.seed))
-                ref.name, ref.split = ref_cfg.name, cfg.pca.split
-            ident = {"model": model_id, "dataset": dataset_identity(ref_cfg, cfg.pca.split, len(ref), backbone.transform)}
-            unit_basis, output_basis = fit_bases(backbone, ref, cache, ident, device, ref_cfg.batch_size,
-                                                 ref_cfg.num_workers, progress)
-        adapter = build_adapter(cfg.method, cfg.pca, backbone.layout, backbone.output_dim, unit_basis,
-                                output_basis, backbone=backbone, seed=cfg.seed)
-        dtype = torch.float32
-        adapter = adapter.to(dtype)
-        in_loop = method == "finetune" or not cfg.method.cache
-        if in_loop:
-            data = {s: ImageItems(splits[s]) for s in splits}
-        else:
-            budget = cfg.cache.memory_budget_gb * 2**30
-            stream = any(isinstance(enc[s].units, np.memmap) or enc[s].nbytes > budget for s in enc)
-            data = {s: (StreamedEncoded(enc[s], adapter.needs, dtype) if stream
-                        else prepare_encoded(adapter, enc[s], dtype)) for s in enc}
-            in_loop = stream   # streamed rows are prepared per batch
-        loaders = {s: batches(d, cfg.trainer.batch_size, s == "train", cfg.trainer.num_workers, cfg.seed)
-                   for s, d in data.items()}
-        lr = cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr
-        module = AdapterModule(adapter, head, lr, cfg.method.weight_decay, prepare_on_the_fly=in_loop,
-                               backbone=backbone)
-        logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
-        code = 1
-        try:
-            trainer_cfg = cfg.trainer
-            if method == "finetune" and device.startswith("cuda") and trainer_cfg.precision == "32-true":
-                # fine-tuning a ViT-L in fp32 is needlessly slow: bf16 autocast (fp32 master weights)
-                trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": "bf16-mixed"})
-            with training_threads(adapter, trainer_cfg, device, in_loop):
-                res = fit_and_test(module, loaders, trainer_cfg, run_dir, logger, device,
-                                   grad_clip=cfg.method.grad_clip, seed=cfg.seed)
-            _save_trained(adapter, backbone.layout, run_dir / "lambda.safetensors", method)
-            rec = dict(common, method=method, trainable_params=adapter.trainable_params(),
-                       val_accuracy=res.val_accuracy, test_accuracy=res.test_accuracy,
-                       best_epoch=res.best_epoch, epochs=res.epochs_run, lr=res.lr,
-                       wall_seconds=round(time.time() - t_method, 2))
-            if logger is not None:
-                logger.log_metrics({"final/" + k: v for k, v in rec.items() if isinstance(v, (int, float))})
-            records.append(rec)
-            code = 0
-        finally:
-            finish_logger(logger, code)
+    if cfg.method.name != "base":
+        records.append(dict(common, **train_method(cfg, backbone, splits, enc, head, cache, device, run_dir)))
 
     path = write_results(records, run_dir)
     print(format_table(records))
     print(f"results: {path}")
     return 0
+
+
+def frozen_backbone(model_cfg, device: str):
+    from .backbones.base import build_backbone
+    backbone = build_backbone(model_cfg).to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone
+
+
+def _identity(cfg, dataset_cfg, split: str, n: int, transform) -> dict:
+    from .encode import dataset_identity, model_identity
+    return {"model": model_identity(cfg.model, cfg.seed),
+            "dataset": dataset_identity(dataset_cfg, split, n, transform)}
+
+
+def encode(cfg, backbone, split_ds, cache, device: str):
+    """Stage 1: decompose every image of a split once (cached)."""
+    from .encode import encode_split
+    ident = _identity(cfg, cfg.dataset, split_ds.split, len(split_ds), backbone.transform)
+    return encode_split(backbone, split_ds, cache, ident, device, cfg.dataset.batch_size, cfg.dataset.num_workers,
+                        cfg.cache.dtype, cfg.cache.memory_budget_gb, cfg.trainer.progress_bar)
+
+
+def frozen_classifier(cfg, backbone, train_ds, train_enc, cache, device: str):
+    """Stage 2: zero-shot text head (cached per model × class names × templates), or the
+    class-mean prototypes of the train features for models without a text tower."""
+    from .classifiers import ClassifierHead, prototype_weights, zero_shot_weights
+    from .encode import model_identity
+    names, templates = train_ds.classnames, train_ds.templates
+    if backbone.has_text:
+        spec = {"model": model_identity(cfg.model, cfg.seed), "classnames": names, "templates": templates}
+        build = lambda tmp: _save_tensor(tmp, zero_shot_weights(backbone, names, templates, device,
+                                                                progress=cfg.trainer.progress_bar).cpu())
+        weights = cache.get_or_build("classifiers", spec, build, _load_tensor, suffix=".safetensors")
+    else:
+        weights = prototype_weights(torch.from_numpy(np.asarray(train_enc.features)).float(),
+                                    torch.from_numpy(train_enc.labels), len(names))
+    return ClassifierHead(weights.float(), backbone.logit_scale)
+
+
+def bases(cfg, backbone, cache, device: str):
+    """Stage 3: per-unit PCA bases on ``pca.reference`` / ``pca.split`` (cached)."""
+    from .data.registry import build_split
+    from .encode import fit_bases
+    ref_cfg = cfg.dataset if cfg.pca.reference is None else _reference_dataset_cfg(cfg)
+    ref = build_split(ref_cfg, cfg.pca.split, backbone.transform)
+    if cfg.pca.max_samples and len(ref) > cfg.pca.max_samples:
+        sub = torch.utils.data.Subset(ref, _subsample(len(ref), cfg.pca.max_samples, cfg.seed))
+        sub.name, sub.split = ref.name, ref.split
+        ref = sub
+    ident = _identity(cfg, ref_cfg, cfg.pca.split, len(ref), backbone.transform)
+    return fit_bases(backbone, ref, cache, ident, device, ref_cfg.batch_size, ref_cfg.num_workers,
+                     cfg.trainer.progress_bar)
+
+
+def train_method(cfg, backbone, splits, enc, head, cache, device: str, run_dir: Path) -> dict:
+    """Stage 4: build the adapter, train it (cached tensors or backbone in the loop), test the
+    best-val checkpoint, save λ.  Returns the method's result fields."""
+    from .methods import NEEDS_BASES, build_adapter
+    from .train.data import ImageItems, StreamedEncoded, batches, prepare_encoded
+    from .train.fit import fit_and_test
+    from .train.loggers import build_logger, finish_logger
+    from .train.module import AdapterModule
+
+    t0, method = time.time(), cfg.method.name
+    unit_basis = output_basis = None
+    if method in NEEDS_BASES or cfg.method.others == "mean":
+        unit_basis, output_basis = bases(cfg, backbone, cache, device)
+    adapter = build_adapter(cfg.method, cfg.pca, backbone.layout, backbone.output_dim, unit_basis,
+                            output_basis, backbone=backbone, seed=cfg.seed).float()
+
+    in_loop = method == "finetune" or not cfg.method.cache
+    if in_loop:
+        data = {s: ImageItems(splits[s]) for s in splits}
+    else:   # encodings over the memory budget are streamed and prepared per batch
+        stream = any(isinstance(e.units, np.memmap) for e in enc.values())
+        data = {s: (StreamedEncoded(e, adapter.needs, torch.float32) if stream
+                    else prepare_encoded(adapter, e, torch.float32)) for s, e in enc.items()}
+        in_loop = stream
+    loaders = {s: batches(d, cfg.trainer.batch_size, s == "train", cfg.trainer.num_workers, cfg.seed)
+               for s, d in data.items()}
+    lr = cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr
+    module = AdapterModule(adapter, head, lr, cfg.method.weight_decay, prepare_on_the_fly=in_loop,
+                           backbone=backbone)
+    trainer_cfg = cfg.trainer
+    if method == "finetune" and device.startswith("cuda") and trainer_cfg.precision == "32-true":
+        # fine-tuning a ViT-L in fp32 is needlessly slow: bf16 autocast (fp32 master weights)
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": "bf16-mixed"})
+
+    logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
+    code = 1
+    try:
+        with training_threads(adapter, trainer_cfg, device, in_loop):
+            res = fit_and_test(module, loaders, trainer_cfg, run_dir, logger, device,
+                               grad_clip=cfg.method.grad_clip, seed=cfg.seed)
+        save_trained(adapter, backbone.layout, run_dir / "lambda.safetensors", method)
+        rec = dict(method=method, trainable_params=adapter.trainable_params(), val_accuracy=res.val_accuracy,
+                   test_accuracy=res.test_accuracy, best_epoch=res.best_epoch, epochs=res.epochs_run,
+                   lr=res.lr, wall_seconds=round(time.time() - t0, 2))
+        if logger is not None:
+            logger.log_metrics({"final/" + k: v for k, v in rec.items() if isinstance(v, (int, float))})
+        code = 0
+        return rec
+    finally:
+        finish_logger(logger, code)
 
 
 @contextmanager
@@ -208,10 +231,12 @@ def training_threads(adapter, trainer_cfg, device: str, in_loop: bool):
         torch.set_num_threads(before)
 
 
-def _accuracy(head, features) -> torch.Tensor:
-    f = torch.from_numpy(np.asarray(features)).float()
+def accuracy(head, enc) -> float:
+    """Micro top-1 accuracy of ``head`` on cached features."""
+    f = torch.from_numpy(np.asarray(enc.features)).float()
     with torch.no_grad():
-        return torch.cat([head(f[i:i + 4096]).argmax(-1) for i in range(0, len(f), 4096)])
+        pred = torch.cat([head(f[i:i + 4096]).argmax(-1) for i in range(0, len(f), 4096)])
+    return float((pred == torch.from_numpy(np.asarray(enc.labels))).double().mean())
 
 
 def _subsample(n: int, k: int, seed: int) -> list[int]:
@@ -241,26 +266,34 @@ def _load_tensor(path: Path) -> torch.Tensor:
     return load_file(str(path))["weight"]
 
 
-def _save_trained(adapter, layout, path: Path, method: str) -> None:
-    """The trained parameters (λ as a dense [S, K] matrix for spectral methods) + unit names."""
+def save_trained(adapter, layout, path: Path, method: str) -> None:
+    """The trained parameters as safetensors, written atomically.
+
+    Spectral methods: ``lambda`` ``[S, K]`` (dense; pruned PCs hold ``dropped_value``) and
+    ``mask`` ``[S, K]``; ``residual_coarse``: ``lambda`` ``[S]``; metadata ``units`` lists the
+    S unit names (``["output"]`` for ``spectral_adapter``).  ``linear_adapter``: its weight
+    and bias.  ``finetune``: nothing here (the tower is in ``checkpoints/best.ckpt``).
+    """
     from safetensors.torch import save_file
-    tensors = {}
+    if method == "finetune":
+        return
     meta = {"method": method}
     if hasattr(adapter, "lambdas"):
-        tensors["lambda"] = adapter.lambdas().detach().cpu().contiguous()
-        tensors["mask"] = adapter.mask.cpu().contiguous()
-        tensors["eigen_components"] = adapter.components.cpu().contiguous() if adapter.components.numel() < 5e7 else torch.zeros(0)
-        meta["units"] = json.dumps([layout.names[i] for i in adapter.selected.tolist()]) if not adapter.from_feature else '["output"]'
-    elif method == "residual_coarse":
-        tensors["lambda"] = adapter.lam.detach().cpu().contiguous()
+        tensors = {"lambda": adapter.lambdas(), "mask": adapter.mask}
+        meta["units"] = json.dumps(["output"] if adapter.from_feature
+                                   else [layout.names[i] for i in adapter.selected.tolist()])
+    elif hasattr(adapter, "selected"):
+        tensors = {"lambda": adapter.lam}
         meta["units"] = json.dumps([layout.names[i] for i in adapter.selected.tolist()])
-    elif method == "finetune":
-        return  # the fine-tuned tower is in checkpoints/best.ckpt
     else:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+        tensors = dict(adapter.state_dict())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- dispatch -----------------------------------------------------------------------------

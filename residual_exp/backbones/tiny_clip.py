@@ -98,7 +98,14 @@ def create_tiny_clip(state_path: str | os.PathLike | None = None):
     """``(model, transform, tokenizer)``; random weights when ``state_path`` is None."""
     import open_clip
     cfg = _register_arch()
-    model, _, transform = open_clip.create_model_and_transforms(ARCH, pretrained=None)
+    root = logging.getLogger()
+    level = root.level
+    if state_path is not None:   # open_clip would warn "initialized randomly" before we load the weights
+        root.setLevel(logging.ERROR)
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(ARCH, pretrained=None)
+    finally:
+        root.setLevel(level)
     vocab = default_vocab()
     if state_path is not None:
         from safetensors import safe_open

@@ -120,7 +120,8 @@ def plot_heatmaps(grids: Mapping[str, np.ndarray], path: str | os.PathLike, titl
     n = len(grids)
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 0.8, 3.0 * nrows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 0.8, 3.2 * nrows + 0.5), squeeze=False,
+                             constrained_layout=True)
     im = None
     for ax, (name, g) in zip(axes.flat, grids.items()):
         g = np.asarray(g, float)
@@ -163,10 +164,12 @@ def plot_selection_curves(curves: Mapping[str, Mapping[str, np.ndarray]], ks: Se
                 ax.fill_between(x, m - s, m + s, alpha=0.2, color=line.get_color())
             else:
                 ax.plot(x, m, marker="o", label=score)
-        for name, v in (references or {}).items():
-            ax.axhline(v, color="grey", linestyle=":", linewidth=1)
-            ax.text(x[0], v, f" {name}", fontsize=7, va="bottom", color="grey")
+        for (name, v), style in zip((references or {}).items(), (":", "-.", (0, (1, 3)))):
+            ax.axhline(v, color="grey", linestyle=style, linewidth=1, label=f"{name} ({v:.3f})")
         ax.set_xscale("log")
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{int(k)}" for k in x])
+        ax.minorticks_off()
         ax.set_xlabel(f"heads kept (of {num_heads})")
         ax.set_ylabel("accuracy")
         ax.set_title(f"{ablation}-ablation of the other heads", fontsize=10)
@@ -191,6 +194,8 @@ def plot_similarity_profiles(profiles: Mapping[str, Mapping[str, Sequence[float]
             x = np.arange(len(prof)) / max(1, len(prof) - 1) if relative else np.arange(len(prof))
             ax.plot(x, prof, marker="o", label=f"{model} · {ds}")
     ax.set_xlabel("relative depth" if relative else "layer")
+    if not relative and depths:
+        ax.set_xticks(range(max(depths)))
     ax.set_ylabel("mean spectral cosine (heads)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -202,11 +207,14 @@ def plot_similarity_profiles(profiles: Mapping[str, Mapping[str, Sequence[float]
 
 
 def plot_lambda_gains(names: Sequence[str], gains: Sequence[float], path: str | os.PathLike,
-                      title: str = "") -> Path:
-    """Bar chart of per-unit λ gains (variance-weighted RMS λ)."""
+                      title: str = "", gains_init: Sequence[float] | None = None) -> Path:
+    """Bar chart of per-unit λ gains (variance-weighted RMS λ); black ticks: the gains at init."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5, 0.28 * len(names) + 1), 3.4))
-    ax.bar(range(len(names)), gains, color="tab:blue")
+    ax.bar(range(len(names)), gains, color="tab:blue", label="trained")
+    if gains_init is not None:
+        ax.scatter(range(len(names)), gains_init, marker="_", s=120, color="black", zorder=3, label="at init")
+        ax.legend(fontsize=7)
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=90, fontsize=7)

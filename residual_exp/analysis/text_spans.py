@@ -249,13 +249,22 @@ def unit_gains(lam: torch.Tensor, mask: torch.Tensor, eigenvalues: torch.Tensor)
 
 def lambda_components(lam: torch.Tensor, mask: torch.Tensor, eigenvalues: torch.Tensor, evr: torch.Tensor,
                       names: Sequence[str], lam_init: torch.Tensor | None = None) -> list[dict]:
-    """One row per kept component: ``unit, pc, eigenvalue, evr, lambda, lambda_init, delta``."""
+    """One row per kept component: ``unit, pc, eigenvalue, evr, lambda, share[, lambda_init, share_init,
+    delta_share]``.
+
+    ``share = λ² · evr`` is the component's variance after reweighting as a fraction of its unit's
+    original variance (so Σ_k share = gain²); ``delta_share = (λ² − λ_init²) · evr`` is what training
+    added (> 0, amplified) or removed (< 0, suppressed).  A large λ on a PC with almost no variance
+    changes little; a moderate λ on a dominant PC changes a lot: ranking by ``delta_share`` says which.
+    """
     rows = []
     for s, k in mask.nonzero().tolist():
-        row = {"unit": names[s], "pc": k, "eigenvalue": float(eigenvalues[s, k]), "evr": float(evr[s, k]),
-               "lambda": float(lam[s, k])}
+        e = float(evr[s, k])
+        row = {"unit": names[s], "pc": k, "eigenvalue": float(eigenvalues[s, k]), "evr": e,
+               "lambda": float(lam[s, k]), "share": float(lam[s, k]) ** 2 * e}
         if lam_init is not None:
             row["lambda_init"] = float(lam_init[s, k])
-            row["delta"] = float(lam[s, k] - lam_init[s, k])
+            row["share_init"] = float(lam_init[s, k]) ** 2 * e
+            row["delta_share"] = row["share"] - row["share_init"]
         rows.append(row)
     return rows

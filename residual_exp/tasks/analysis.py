@@ -606,7 +606,8 @@ def _lambda_report(ctx: Ctx, a, tensors, meta, run, backbone, unit_basis, output
     write_table(sorted(unit_rows, key=lambda r: -np.nan_to_num(r["gain"], nan=-1)), ctx.out / "lambda_units",
                 "Per-unit gain sqrt(Σ λ² e / Σ e) of the trained λ")
     plot_lambda_gains(units, gains.tolist(), ctx.out / "lambda_gains.png",
-                      f"{method} on {run.dataset.name}: per-unit gain of λ")
+                      f"{method} on {run.dataset.name}: per-unit gain of λ",
+                      ts.unit_gains(lam_init, mask, eig).tolist() if lam_init is not None else None)
     dct = atoms.double().numpy()
 
     def describe(r, n=3):
@@ -615,11 +616,12 @@ def _lambda_report(ctx: Ctx, a, tensors, meta, run, backbone, unit_basis, output
         res = ts.somp(phi[None], dct, n)
         return ", ".join(f"{'+' if phi @ dct[j] >= 0 else '−'}{texts[j]}" for j in res.support)
 
-    # only components that carry variance: λ of a zero-variance PC has no effect
-    live = [r for r in comp_rows if r["evr"] > 1e-6]
-    key = "delta" if lam_init is not None else "lambda"
-    amplified = sorted(live, key=lambda r: -r[key])[:a.n_lambda]
-    suppressed = sorted(live, key=lambda r: abs(r["lambda"]))[:a.n_lambda]
+    # rank by the change of the component's variance share (λ² − λ_init²)·evr: what training added or
+    # removed (λ_init = 1, i.e. "unchanged", when the initial λ cannot be rebuilt)
+    for r in comp_rows:
+        r.setdefault("delta_share", r["share"] - r["evr"])
+    amplified = sorted(comp_rows, key=lambda r: -r["delta_share"])[:a.n_lambda]
+    suppressed = sorted(comp_rows, key=lambda r: r["delta_share"])[:a.n_lambda]
     for r in amplified + suppressed:
         r["descriptions"] = describe(r)
     write_table([dict(r, which="amplified") for r in amplified] + [dict(r, which="suppressed") for r in suppressed],
@@ -640,13 +642,14 @@ def _lambda_report(ctx: Ctx, a, tensors, meta, run, backbone, unit_basis, output
             lines.append(f"- PC{k} (EVR {float(basis.explained_variance_ratio[s, k]):.2f}, λ {float(lam[s, k]):+.2f}): "
                          + describe(r, a.n_descriptions))
         lines.append("")
-    lines += [f"## Most amplified components (by {'Δλ = λ − λ_init' if key == 'delta' else 'λ'})", ""]
-    lines += [f"- {r['unit']} PC{r['pc']} (EVR {r['evr']:.3f}, λ {r['lambda']:+.2f}"
-              + (f", init {r['lambda_init']:+.2f}" if 'lambda_init' in r else "") + f"): {r['descriptions']}"
-              for r in amplified]
-    lines += ["", "## Most suppressed components (smallest |λ|)", ""]
-    lines += [f"- {r['unit']} PC{r['pc']} (EVR {r['evr']:.3f}, λ {r['lambda']:+.2f}): {r['descriptions']}"
-              for r in suppressed]
+    init_note = "λ_init rebuilt from the run's seed" if lam_init is not None else "λ_init taken as 1"
+    fmt = lambda r: (f"- {r['unit']} PC{r['pc']} (EVR {r['evr']:.3f}, λ {r['lambda']:+.2f}"
+                     + (f" from {r['lambda_init']:+.2f}" if "lambda_init" in r else "")
+                     + f", Δshare {r['delta_share']:+.3f}): {r['descriptions']}")
+    lines += [f"## Most amplified components (largest Δshare = (λ² − λ_init²)·EVR; {init_note})", ""]
+    lines += [fmt(r) for r in amplified]
+    lines += ["", "## Most suppressed components (most negative Δshare)", ""]
+    lines += [fmt(r) for r in suppressed]
     lines.append("")
     return lines
 

@@ -115,3 +115,10 @@ def test_spectral_similarity_end_to_end(make_cfg, tmp_path) -> None:
     cross = list(csv.DictReader(open(out / "cross_model.csv")))
     # the same model twice: identical profiles
     assert len(cross) == 1 and float(cross[0]["pearson_r"]) == pytest.approx(1.0)
+    # raw mode (same output space here: the same weights twice) → every head matches itself
+    cfg.analysis.cross_model = "raw"
+    cfg.analysis.variants = ["weighted"]
+    assert run(cfg) == 0
+    raw = list(csv.DictReader(open(out / "cross_model.csv")))
+    assert len(raw) == 16 and all(float(r["same_name"]) == pytest.approx(1.0) for r in raw)
+    assert (out / "cross_model_tiny_clip_twin.png").is_file()

@@ -100,7 +100,8 @@ def test_unit_gains_and_lambda_rows() -> None:
     assert g[1] == pytest.approx(np.sqrt(4 / 2))
     rows = ts.lambda_components(lam, mask, eig, eig / 4, ["a", "b"], lam_init=torch.ones(2, 3))
     assert len(rows) == 5 and rows[2] == {"unit": "b", "pc": 0, "eigenvalue": 1.0, "evr": 0.25, "lambda": 2.0,
-                                          "lambda_init": 1.0, "delta": 1.0}
+                                          "share": 1.0, "lambda_init": 1.0, "share_init": 0.25, "delta_share": 0.75}
+    assert sum(r["share"] for r in rows if r["unit"] == "b") == pytest.approx(float(g[1]) ** 2 * 0.5)
 
 
 def _fake_run(cfg, run_dir, layout, dim: int) -> None:

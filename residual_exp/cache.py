@@ -8,6 +8,16 @@ the artefact for inspection.  Writers take a file lock (several jobs may want th
 artefact: one builds it, the others wait and read), write into a temporary path and
 ``os.replace`` it into place, so an interrupted job never leaves a half-written entry that
 looks finished.
+
+Concurrency (several processes, possibly on several hosts sharing the cache directory):
+
+* an entry exists iff its final path exists, and that path only ever appears through one
+  atomic rename of a complete temporary file/directory, so readers never lock;
+* builders serialise on ``<entry>.lock`` (``filelock``: ``flock``, released by the kernel when
+  a job dies, so a killed builder never blocks the next one) and re-check the entry after
+  acquiring the lock: exactly one process builds, the others wait and then load it;
+* temporary names carry host, pid and a random token (pids repeat across cluster nodes),
+  and the lock holder deletes temporaries left by killed builders of the same entry.
 """
 from __future__ import annotations
 
@@ -16,6 +26,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -67,7 +79,7 @@ class Cache:
         """
         target = self.path(kind, spec, suffix)
         if not self.enabled:
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.nocache")
+            tmp = target.with_name(f".{target.name}.{_unique()}.nocache")
             try:
                 build(tmp)
                 return load(tmp) if tmp.is_file() else _load_and_keep(load, tmp)
@@ -78,18 +90,26 @@ class Cache:
             return load(target)
         with self.locked(target):
             if not target.exists():          # another job may have built it meanwhile
-                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                _remove(tmp)
+                for stale in target.parent.glob(f".{target.name}.*.tmp"):   # from killed builders
+                    log.info("removing stale temporary %s", stale.name)
+                    _remove(stale)
+                tmp = target.with_name(f".{target.name}.{_unique()}.tmp")
+                log.info("cache build: %s/%s", kind, target.name)
                 try:
                     build(tmp)
                     _write_spec(tmp, spec)
                     os.replace(tmp, target)
                 finally:
                     _remove(tmp)
-                (target.parent / f"{target.name}.json").write_text(json.dumps(spec, indent=1, default=str))
+                atomic_write_text(target.parent / f"{target.name}.json", json.dumps(spec, indent=1, default=str))
             else:
                 log.info("cache hit after wait: %s/%s", kind, target.name)
         return load(target)
+
+
+def _unique() -> str:
+    """host-pid-random: unique among concurrent writers on a shared filesystem."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _write_spec(tmp: Path, spec: dict) -> None:
@@ -113,7 +133,7 @@ def _remove(p: Path) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_unique()}.tmp")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)

@@ -150,6 +150,7 @@ class Config:
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
     run_name: str = "${model.name}-${dataset.name}-${method.name}"
+    resume: bool = True                # task=train: skip jobs already finished for the same config (sweep.py)
 
 
 def register_configs() -> None:

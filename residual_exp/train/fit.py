@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+from .callbacks import LambdaMonitor
 from .module import AdapterModule
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,11 @@ def fit_and_test(module: AdapterModule, loaders: dict, trainer_cfg, out_dir: Pat
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max",
                                  save_top_k=1, save_weights_only=True, enable_version_counter=False)
     stopper = EarlyStopping(monitor="val/acc", mode="max", patience=trainer_cfg.patience)
+    monitors = [LambdaMonitor()] if logger is not None else []   # λ histograms, trainable params
     trainer = pl.Trainer(
         max_epochs=trainer_cfg.max_epochs, accelerator=_accelerator(trainer_cfg, device),
         devices=trainer_cfg.devices, precision=trainer_cfg.precision, logger=logger if logger is not None else False,
-        callbacks=[checkpoint, stopper], enable_progress_bar=trainer_cfg.progress_bar,
+        callbacks=[checkpoint, stopper, *monitors], enable_progress_bar=trainer_cfg.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=grad_clip,
         log_every_n_steps=10, default_root_dir=str(out_dir), deterministic=False,
         plugins=_no_requeue_plugins())
@@ -76,9 +78,17 @@ def _best_epoch(checkpoint: ModelCheckpoint) -> int:
 
 
 def _no_requeue_plugins() -> list:
-    """Under SLURM, leave requeueing to submitit: Lightning's auto-requeue is switched off."""
-    import os
-    if "SLURM_JOB_ID" not in os.environ:
-        return []
+    """Under SLURM, leave requeueing to submitit: Lightning's auto-requeue is switched off.
+
+    Only where Lightning itself would pick its SLURM environment (``SLURMEnvironment.detect()``:
+    launched through ``srun``, as submitit does, and not an interactive ``bash``/``interactive``
+    job); passing it merely because ``SLURM_JOB_ID`` is set would, inside an ``salloc`` shell with
+    several tasks, make a single process wait for ``SLURM_NTASKS`` ranks.  With
+    ``auto_requeue=False`` Lightning installs no SIGUSR1 handler and saves no ``hpc_ckpt``:
+    submitit's own signal handling requeues the job (``hydra.launcher.max_num_timeout``) and
+    the results store skips it if it had finished (``residual_exp/sweep.py``).
+    """
     from lightning.pytorch.plugins.environments import SLURMEnvironment
+    if not SLURMEnvironment.detect():
+        return []
     return [SLURMEnvironment(auto_requeue=False)]

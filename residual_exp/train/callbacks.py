@@ -1,0 +1,86 @@
+"""Lightning callbacks for experiment tracking.
+
+:class:`LambdaMonitor` logs, once at the start of training and after every validation epoch
+(when the schedule-free optimizer holds the averaged weights that were validated and get
+checkpointed), the λ of spectral adapters (``adapter.lambdas()`` → ``[S, K]``, only the
+trained entries under ``adapter.mask``) or of head scalings (``adapter.lam`` → ``[S]``):
+
+* summary scalars ``lambda/mean``, ``lambda/std``, ``lambda/min``, ``lambda/max``,
+  ``lambda/abs_mean`` and ``lambda/frac_negative`` to every logger (CSV included);
+* a histogram ``lambda/hist`` to W&B (``wandb.Histogram``) and TensorBoard loggers;
+* the trainable parameter count as the hyperparameter ``trainable_params`` at fit start.
+"""
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def trained_lambdas(adapter) -> torch.Tensor | None:
+    """The trained λ of ``adapter`` as a flat float tensor, or None if it has none."""
+    if adapter is None:
+        return None
+    with torch.no_grad():
+        if hasattr(adapter, "lambdas"):
+            lam = adapter.lambdas().detach()                                  # [S, K]
+            mask = getattr(adapter, "mask", None)
+            if mask is not None and mask.shape == lam.shape:
+                lam = lam[mask.bool()]
+            return lam.flatten().float().cpu()
+        lam = getattr(adapter, "lam", None)
+        if isinstance(lam, torch.Tensor):
+            return lam.detach().flatten().float().cpu()                       # [S]
+    return None
+
+
+def lambda_stats(lam: torch.Tensor) -> dict[str, float]:
+    return {"lambda/mean": float(lam.mean()), "lambda/std": float(lam.std()) if lam.numel() > 1 else 0.0,
+            "lambda/min": float(lam.min()), "lambda/max": float(lam.max()),
+            "lambda/abs_mean": float(lam.abs().mean()), "lambda/frac_negative": float((lam < 0).float().mean())}
+
+
+class LambdaMonitor(pl.Callback):
+    """Per-epoch λ histograms and summaries (see the module docstring)."""
+
+    def __init__(self, bins: int = 64) -> None:
+        self.bins = bins
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        adapter = getattr(pl_module, "adapter", None)
+        if hasattr(adapter, "trainable_params"):
+            n = int(adapter.trainable_params())
+        else:
+            n = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        for lg in trainer.loggers:
+            try:
+                lg.log_hyperparams({"trainable_params": n})
+            except Exception as e:  # a logger that cannot take hyperparameters
+                log.debug("log_hyperparams failed on %s: %s", type(lg).__name__, e)
+            if type(lg).__name__ == "WandbLogger":
+                lg.experiment.summary["trainable_params"] = n
+        self._log(trainer, pl_module, "init")
+
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.sanity_checking:
+            return
+        self._log(trainer, pl_module, "epoch")
+
+    def _log(self, trainer, pl_module, when: str) -> None:
+        lam = trained_lambdas(getattr(pl_module, "adapter", None))
+        if lam is None or lam.numel() == 0 or not trainer.loggers:
+            return
+        step = trainer.global_step
+        stats = lambda_stats(lam)
+        for lg in trainer.loggers:
+            name = type(lg).__name__
+            lg.log_metrics(stats, step=step)
+            if name == "WandbLogger":
+                import wandb
+                lg.experiment.log({"lambda/hist": wandb.Histogram(lam.numpy(), num_bins=self.bins),
+                                   "trainer/global_step": step})
+            elif name == "TensorBoardLogger":
+                lg.experiment.add_histogram("lambda/hist", lam, global_step=step)

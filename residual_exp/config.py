@@ -70,6 +70,7 @@ class TrainerConfig:
     precision: str = "32-true"
     num_workers: int = 0
     progress_bar: bool = True
+    cpu_threads: Optional[int] = None  # torch threads while training on CPU (null: 1 for small adapters)
 
 
 @dataclass

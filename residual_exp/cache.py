@@ -25,14 +25,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from filelock import FileLock
+
+from .atomic import atomic_write_text, remove, unique_token
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -79,12 +78,12 @@ class Cache:
         """
         target = self.path(kind, spec, suffix)
         if not self.enabled:
-            tmp = target.with_name(f".{target.name}.{_unique()}.nocache")
+            tmp = target.with_name(f".{target.name}.{unique_token()}.nocache")
             try:
                 build(tmp)
                 return load(tmp) if tmp.is_file() else _load_and_keep(load, tmp)
             finally:
-                _remove(tmp)
+                remove(tmp)
         if target.exists():
             log.info("cache hit: %s/%s", kind, target.name)
             return load(target)
@@ -92,24 +91,19 @@ class Cache:
             if not target.exists():          # another job may have built it meanwhile
                 for stale in target.parent.glob(f".{target.name}.*.tmp"):   # from killed builders
                     log.info("removing stale temporary %s", stale.name)
-                    _remove(stale)
-                tmp = target.with_name(f".{target.name}.{_unique()}.tmp")
+                    remove(stale)
+                tmp = target.with_name(f".{target.name}.{unique_token()}.tmp")
                 log.info("cache build: %s/%s", kind, target.name)
                 try:
                     build(tmp)
                     _write_spec(tmp, spec)
                     os.replace(tmp, target)
                 finally:
-                    _remove(tmp)
+                    remove(tmp)
                 atomic_write_text(target.parent / f"{target.name}.json", json.dumps(spec, indent=1, default=str))
             else:
                 log.info("cache hit after wait: %s/%s", kind, target.name)
         return load(target)
-
-
-def _unique() -> str:
-    """host-pid-random: unique among concurrent writers on a shared filesystem."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _write_spec(tmp: Path, spec: dict) -> None:
@@ -121,21 +115,3 @@ def _load_and_keep(load, tmp: Path):
     # cache disabled and the artefact is a directory: load fully into memory before removal
     out = load(tmp)
     return out.materialize() if hasattr(out, "materialize") else out
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists():
-        p.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{_unique()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

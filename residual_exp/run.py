@@ -68,7 +68,7 @@ def format_table(records: list[dict]) -> str:
 
 
 def write_results(records: list[dict], run_dir: Path) -> Path:
-    from .cache import atomic_write_text
+    from .atomic import atomic_write_text
     path = run_dir / "results.json"
     atomic_write_text(path, json.dumps(records, indent=2))
     return path
@@ -275,6 +275,8 @@ def save_trained(adapter, layout, path: Path, method: str) -> None:
     and bias.  ``finetune``: nothing here (the tower is in ``checkpoints/best.ckpt``).
     """
     from safetensors.torch import save_file
+
+    from .atomic import atomic_path
     if method == "finetune":
         return
     meta = {"method": method}
@@ -288,12 +290,8 @@ def save_trained(adapter, layout, path: Path, method: str) -> None:
     else:
         tensors = dict(adapter.state_dict())
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- dispatch -----------------------------------------------------------------------------

@@ -63,7 +63,8 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .cache import _unique, atomic_write_text, spec_hash
+from .atomic import atomic_path, atomic_write_text
+from .cache import spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -192,15 +193,11 @@ def save_entry(store: Path, key: str, spec: dict, run_dir: Path, records: list[d
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Atomically place ``src`` at ``dst``: a hard link where possible (these files are never
     modified in place, only replaced), a copy across filesystems."""
-    tmp = dst.with_name(f".{dst.name}.{_unique()}.tmp")
-    try:
+    with atomic_path(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def restore(entry: dict, store: Path, run_dir: Path) -> Path:

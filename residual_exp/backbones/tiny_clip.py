@@ -125,17 +125,12 @@ def create_tiny_clip(state_path: str | os.PathLike | None = None):
 def save_tiny_clip(model, tokenizer: WordTokenizer, path: str | os.PathLike, meta: dict) -> None:
     """fp16 safetensors with the vocabulary in the metadata; atomic (temp file + rename)."""
     from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..atomic import atomic_path
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"vocab": json.dumps(tokenizer.vocab),
                                              **{k: str(v) for k, v in meta.items()}})
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @register_backbone("tiny_clip", "4-layer width-128 CLIP at 32 px, pretrained on the synthetic shapes captions")

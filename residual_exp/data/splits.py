@@ -22,12 +22,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 from filelock import FileLock, Timeout
+
+from ..atomic import atomic_write_text
 
 SEED = 42
 SPLIT_DIRNAME = ".residual_exp_splits"
@@ -128,17 +129,7 @@ def _read(path: Path, dataset: str) -> dict:
 
 
 def _write_atomic(path: Path, record: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(record, separators=(",", ":")))
 
 
 def load_or_create(path: str | os.PathLike, *, dataset: str, targets: Sequence[int],

@@ -30,7 +30,6 @@ its largest-|·| coordinate is positive (sklearn ≥ 1.5, ``svd_flip(u_based_dec
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +37,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..atomic import atomic_path
 
 __all__ = ["PCABasis", "StreamingPCA", "num_components_for_evr"]
 
@@ -97,18 +98,8 @@ def _sign_flip(components: torch.Tensor) -> torch.Tensor:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     """Write a safetensors file via a temp file in the same directory + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:   # flushed to disk before the rename makes it visible
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 @dataclass

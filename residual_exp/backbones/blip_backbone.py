@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from ..decompose.lens import layer_norm_lens
-from ..decompose.stack import LayerPieces, residual_contributions
+from ..decompose.stack import LayerPieces, cls_heads_pre_hook, residual_contributions
 from ..decompose.units import UnitLayout
 from .base import Backbone, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
@@ -195,13 +195,8 @@ class BlipBackbone(Backbone):
         store["heads"], store["mlps"] = [], []
         hs.forward_hook(vision.embeddings, lambda m, i, o: store.__setitem__("embed", o[:, 0].clone()))  # [B, W]
         for layer in vision.encoder.layers:
-            H, Dh = layer.self_attn.num_heads, layer.self_attn.head_dim
-
-            def head_hook(module, args, H=H, Dh=Dh):
-                z = args[0][:, 0].clone()                                 # [B, H·Dh] CLS row, heads concatenated
-                store["heads"].append(z.reshape(z.shape[0], H, Dh))       # [B, H, Dh]
-
-            hs.forward_pre_hook(layer.self_attn.projection, head_hook)
+            attn = layer.self_attn
+            hs.forward_pre_hook(attn.projection, cls_heads_pre_hook(store["heads"], attn.num_heads, attn.head_dim))
             hs.forward_hook(layer.mlp, lambda m, i, o: store["mlps"].append(o[:, 0].clone()))  # [B, W]
 
     def _units(self, store: dict) -> torch.Tensor:

@@ -70,7 +70,7 @@ import torch
 import torch.nn as nn
 
 from ..decompose.lens import layer_norm_lens
-from ..decompose.stack import LayerPieces, layer_scale, residual_contributions
+from ..decompose.stack import LayerPieces, cls_heads_pre_hook, layer_scale, residual_contributions
 from ..decompose.units import UnitLayout
 from .base import Backbone, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
@@ -160,13 +160,8 @@ class TimmBackbone(Backbone):
 
         hs.forward_pre_hook(blocks[0], embed_hook)
         for block in blocks:
-            H, Dh = block.attn.num_heads, block.attn.head_dim
-
-            def head_hook(module, args, H=H, Dh=Dh):
-                z = args[0][:, 0].clone()                                 # [B, H·Dh] CLS row, heads concatenated
-                store["heads"].append(z.reshape(z.shape[0], H, Dh))       # [B, H, Dh]
-
-            hs.forward_pre_hook(block.attn.proj, head_hook)
+            attn = block.attn
+            hs.forward_pre_hook(attn.proj, cls_heads_pre_hook(store["heads"], attn.num_heads, attn.head_dim))
             hs.forward_hook(block.ls2, lambda m, i, o: store["mlps"].append(o[:, 0].clone()))  # [B, D]
 
     def _units(self, store: dict) -> torch.Tensor:

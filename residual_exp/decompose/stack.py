@@ -50,3 +50,14 @@ def residual_contributions(embed: torch.Tensor, layers: list[LayerPieces]) -> to
         pieces += [heads, p.mlp[:, None]]                                 # [B, H, W], [B, 1, W]
     pieces.append(attn_bias[:, None])
     return torch.cat(pieces, 1)                                           # [B, U - 1, W]
+
+
+def cls_heads_pre_hook(sink: list, num_heads: int, head_dim: int):
+    """A forward pre-hook for an attention output projection called as a module (timm's
+    ``attn.proj``, BLIP's ``projection``): its input is the head concatenation
+    ``[B, N, H·Dh]``; the CLS row is stored as ``[B, H, Dh]`` (cloned, so the layer's whole
+    activation is not kept alive)."""
+    def hook(module, args):
+        z = args[0][:, 0].clone()                                         # [B, H·Dh]
+        sink.append(z.reshape(z.shape[0], num_heads, head_dim))           # [B, H, Dh]
+    return hook

@@ -156,10 +156,12 @@ class Config:
 
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
+
+    from .analysis.config import register_analysis_configs
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for name, node in [("train_schema", TaskConfig), ("check_decomposition_schema", CheckDecompositionTask),
                        ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask),
                        ("report_schema", ReportTask), ("analysis_schema", AnalysisTask)]:
         cs.store(group="task", name=name, node=node)
-    __import__("residual_exp.analysis.config", fromlist=["_"]).register_analysis_configs()  # group `analysis`
+    register_analysis_configs()        # the `analysis` group's schemas

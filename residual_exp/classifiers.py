@@ -10,7 +10,8 @@ with ``scale`` the model's logit scale.  Nothing in it is trained.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,6 +48,36 @@ def prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes:
         raise ValueError(f"prototype classifier: no training example for classes {missing[:10]}")
     sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
     return (sums / counts[:, None]).to(features.dtype)                    # [C, D]
+
+
+def frozen_classifier(backbone, classnames: Sequence[str], templates: Sequence[str], cache, model_id: dict,
+                      train_encoding: Callable, device: str | torch.device = "cpu",
+                      progress: bool = True) -> "ClassifierHead":
+    """The frozen head every method trains against: zero-shot text centroids (cached per
+    model identity × class names × templates), or — for models without a text tower — the
+    prototypes of the train split; ``train_encoding()`` returns its cached
+    :class:`~residual_exp.encode.Encoded` and is only called then."""
+    if backbone.has_text:
+        spec = {"model": model_id, "classnames": list(classnames), "templates": list(templates)}
+        build = lambda tmp: _save_weights(tmp, zero_shot_weights(backbone, classnames, templates, device,
+                                                                 progress=progress).cpu())
+        weights = cache.get_or_build("classifiers", spec, build, _load_weights, suffix=".safetensors")
+    else:
+        import numpy as np
+        enc = train_encoding()
+        weights = prototype_weights(torch.from_numpy(np.asarray(enc.features)).float(),
+                                    torch.from_numpy(np.asarray(enc.labels)), len(classnames))
+    return ClassifierHead(weights.float(), backbone.logit_scale)
+
+
+def _save_weights(path: Path, t: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+    save_file({"weight": t.contiguous()}, str(path))
+
+
+def _load_weights(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(str(path))["weight"]
 
 
 class ClassifierHead(nn.Module):

@@ -12,7 +12,6 @@ since the reference (ImageNet train) is far larger than what a cache should hold
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +63,23 @@ def dataset_identity(ds_cfg, split: str, n: int, transform) -> dict:
     return {"name": ds_cfg.name, "root": str(Path(ds_cfg.root).expanduser().resolve()),
             "params": dict(ds_cfg.get("params") or {}), "split": split, "n": n,
             "transform": repr(transform)}
+
+
+def subsample_split(split_ds, ds_cfg, split: str, transform, max_samples: int | None, seed: int):
+    """``(dataset, identity)``: ``split_ds`` uniformly subsampled to ``max_samples`` (seeded,
+    sorted indices) when it is larger; the identity records the subsample so that caches of
+    different subsets never collide."""
+    n = len(split_ds)
+    ident = dataset_identity(ds_cfg, split, n, transform)
+    if not max_samples or n <= max_samples:
+        return split_ds, ident
+    idx = sorted(np.random.default_rng(seed).choice(n, size=int(max_samples), replace=False).tolist())
+    sub = torch.utils.data.Subset(split_ds, idx)
+    sub.name, sub.split = split_ds.name, split_ds.split
+    sub.classnames, sub.templates = split_ds.classnames, split_ds.templates
+    sub.targets = [split_ds.targets[i] for i in idx]
+    ident = {**dataset_identity(ds_cfg, split, len(sub), transform), "subsample": {"of": n, "seed": seed}}
+    return sub, ident
 
 
 def _loader(split_ds, batch_size: int, num_workers: int) -> DataLoader:

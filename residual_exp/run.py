@@ -78,7 +78,9 @@ def write_results(records: list[dict], run_dir: Path) -> Path:
 def train(cfg: DictConfig) -> int:
     """Zero-shot and ``cfg.method`` on ``cfg.dataset``: the stages below, in order."""
     from .cache import Cache
+    from .classifiers import frozen_classifier
     from .data.registry import build_split
+    from .encode import model_identity
 
     t_start = time.time()
     seed_everything(cfg.seed)
@@ -91,7 +93,9 @@ def train(cfg: DictConfig) -> int:
     splits = {s: build_split(cfg.dataset, s, backbone.transform) for s in ("train", "val", "test")}
     log.info("%s: %s", cfg.dataset.name, {s: len(d) for s, d in splits.items()})
     enc = {s: encode(cfg, backbone, splits[s], cache, device) for s in splits}
-    head = frozen_classifier(cfg, backbone, splits["train"], enc["train"], cache, device)
+    head = frozen_classifier(backbone, splits["train"].classnames, splits["train"].templates, cache,
+                             model_identity(cfg.model, cfg.seed), lambda: enc["train"], device,
+                             cfg.trainer.progress_bar)
 
     zs = {s: accuracy(head, enc[s]) for s in ("val", "test")}
     common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
@@ -108,6 +112,7 @@ def train(cfg: DictConfig) -> int:
 
 
 def frozen_backbone(model_cfg, device: str):
+    """The backbone in eval mode with every parameter frozen."""
     from .backbones.base import build_backbone
     backbone = build_backbone(model_cfg).to(device).eval()
     for p in backbone.parameters():
@@ -115,48 +120,23 @@ def frozen_backbone(model_cfg, device: str):
     return backbone
 
 
-def _identity(cfg, dataset_cfg, split: str, n: int, transform) -> dict:
-    from .encode import dataset_identity, model_identity
-    return {"model": model_identity(cfg.model, cfg.seed),
-            "dataset": dataset_identity(dataset_cfg, split, n, transform)}
-
-
 def encode(cfg, backbone, split_ds, cache, device: str):
     """Stage 1: decompose every image of a split once (cached)."""
-    from .encode import encode_split
-    ident = _identity(cfg, cfg.dataset, split_ds.split, len(split_ds), backbone.transform)
+    from .encode import dataset_identity, encode_split, model_identity
+    ident = {"model": model_identity(cfg.model, cfg.seed),
+             "dataset": dataset_identity(cfg.dataset, split_ds.split, len(split_ds), backbone.transform)}
     return encode_split(backbone, split_ds, cache, ident, device, cfg.dataset.batch_size, cfg.dataset.num_workers,
                         cfg.cache.dtype, cfg.cache.memory_budget_gb, cfg.trainer.progress_bar)
-
-
-def frozen_classifier(cfg, backbone, train_ds, train_enc, cache, device: str):
-    """Stage 2: zero-shot text head (cached per model × class names × templates), or the
-    class-mean prototypes of the train features for models without a text tower."""
-    from .classifiers import ClassifierHead, prototype_weights, zero_shot_weights
-    from .encode import model_identity
-    names, templates = train_ds.classnames, train_ds.templates
-    if backbone.has_text:
-        spec = {"model": model_identity(cfg.model, cfg.seed), "classnames": names, "templates": templates}
-        build = lambda tmp: _save_tensor(tmp, zero_shot_weights(backbone, names, templates, device,
-                                                                progress=cfg.trainer.progress_bar).cpu())
-        weights = cache.get_or_build("classifiers", spec, build, _load_tensor, suffix=".safetensors")
-    else:
-        weights = prototype_weights(torch.from_numpy(np.asarray(train_enc.features)).float(),
-                                    torch.from_numpy(train_enc.labels), len(names))
-    return ClassifierHead(weights.float(), backbone.logit_scale)
 
 
 def bases(cfg, backbone, cache, device: str):
     """Stage 3: per-unit PCA bases on ``pca.reference`` / ``pca.split`` (cached)."""
     from .data.registry import build_split
-    from .encode import fit_bases
+    from .encode import fit_bases, model_identity, subsample_split
     ref_cfg = cfg.dataset if cfg.pca.reference is None else _reference_dataset_cfg(cfg)
-    ref = build_split(ref_cfg, cfg.pca.split, backbone.transform)
-    if cfg.pca.max_samples and len(ref) > cfg.pca.max_samples:
-        sub = torch.utils.data.Subset(ref, _subsample(len(ref), cfg.pca.max_samples, cfg.seed))
-        sub.name, sub.split = ref.name, ref.split
-        ref = sub
-    ident = _identity(cfg, ref_cfg, cfg.pca.split, len(ref), backbone.transform)
+    ref, ref_ident = subsample_split(build_split(ref_cfg, cfg.pca.split, backbone.transform), ref_cfg,
+                                     cfg.pca.split, backbone.transform, cfg.pca.max_samples, cfg.seed)
+    ident = {"model": model_identity(cfg.model, cfg.seed), "dataset": ref_ident}
     return fit_bases(backbone, ref, cache, ident, device, ref_cfg.batch_size, ref_cfg.num_workers,
                      cfg.trainer.progress_bar)
 
@@ -239,10 +219,6 @@ def accuracy(head, enc) -> float:
     return float((pred == torch.from_numpy(np.asarray(enc.labels))).double().mean())
 
 
-def _subsample(n: int, k: int, seed: int) -> list[int]:
-    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
-
-
 def _reference_dataset_cfg(cfg):
     """The ``dataset`` node of ``pca.reference`` (its ``conf/dataset`` file, resolved against ``paths``)."""
     from .config import DatasetConfig
@@ -254,16 +230,6 @@ def _reference_dataset_cfg(cfg):
     node = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(path))
     ctx = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths, resolve=True), "dataset": node})
     return OmegaConf.create(OmegaConf.to_container(ctx, resolve=True)["dataset"])
-
-
-def _save_tensor(path: Path, t: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-    save_file({"weight": t.contiguous()}, str(path))
-
-
-def _load_tensor(path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-    return load_file(str(path))["weight"]
 
 
 def save_trained(adapter, layout, path: Path, method: str) -> None:

@@ -132,32 +132,18 @@ def dataset_nodes(cfg, entries) -> list[tuple[str, DictConfig]]:
 
 # ------------------------------------------------------------------------- data helpers
 def _build_backbone(ctx: Ctx, model_cfg):
-    from ..backbones.base import build_backbone
     from ..encode import model_identity
-    from ..run import seed_everything
+    from ..run import frozen_backbone, seed_everything
     seed_everything(ctx.cfg.seed)      # random-init weights depend on the seed only (as the cache key says)
-    backbone = build_backbone(model_cfg).to(ctx.device).eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    return backbone, model_identity(model_cfg, ctx.cfg.seed)
+    return frozen_backbone(model_cfg, ctx.device), model_identity(model_cfg, ctx.cfg.seed)
 
 
 def _split(ctx: Ctx, ds_cfg, split: str, transform, max_samples: int | None):
     """``(dataset, identity)``: the split, uniformly subsampled to ``max_samples`` (seeded)."""
     from ..data.registry import build_split
-    from ..encode import dataset_identity
-    ds = build_split(ds_cfg, split, transform)
-    n = len(ds)
-    ident = dataset_identity(ds_cfg, split, n, transform)
-    if max_samples and n > max_samples:
-        idx = sorted(np.random.default_rng(ctx.cfg.seed).choice(n, size=int(max_samples), replace=False).tolist())
-        sub = torch.utils.data.Subset(ds, idx)
-        sub.name, sub.split = ds.name, ds.split
-        sub.classnames, sub.templates = ds.classnames, ds.templates
-        sub.targets = [ds.targets[i] for i in idx]
-        ident = {**dataset_identity(ds_cfg, split, len(sub), transform), "subsample": {"of": n, "seed": ctx.cfg.seed}}
-        ds = sub
-    return ds, ident
+    from ..encode import subsample_split
+    return subsample_split(build_split(ds_cfg, split, transform), ds_cfg, split, transform, max_samples,
+                           ctx.cfg.seed)
 
 
 def _batch_size(ctx: Ctx, ds_cfg) -> int:
@@ -193,18 +179,10 @@ def _reference(ctx: Ctx, cfg=None, pca=None, dataset=None):
 
 def _classifier(ctx: Ctx, backbone, model_id, ds_cfg, classnames, templates):
     """The frozen classifier of ``task=train``: text centroids, or train-split image prototypes."""
-    from ..classifiers import ClassifierHead, prototype_weights, zero_shot_weights
-    from ..run import _load_tensor, _save_tensor
-    if backbone.has_text:
-        spec = {"model": model_id, "classnames": list(classnames), "templates": list(templates)}
-        w = ctx.cache.get_or_build("classifiers", spec, build=lambda tmp: _save_tensor(tmp, zero_shot_weights(
-            backbone, classnames, templates, ctx.device, progress=ctx.progress).cpu()),
-            load=_load_tensor, suffix=".safetensors")
-    else:
-        enc, _ = _encode(ctx, backbone, model_id, ds_cfg, "train", None)
-        w = prototype_weights(torch.from_numpy(np.asarray(enc.features)).float(), torch.from_numpy(enc.labels),
-                              len(classnames))
-    return ClassifierHead(w.float(), backbone.logit_scale)
+    from ..classifiers import frozen_classifier
+    return frozen_classifier(backbone, classnames, templates, ctx.cache, model_id,
+                             lambda: _encode(ctx, backbone, model_id, ds_cfg, "train", None)[0],
+                             ctx.device, ctx.progress)
 
 
 def _layout_cols(layout, idx):

@@ -20,9 +20,9 @@ from .config import register_configs
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from .run import run
+    from .run import run          # here, not at the top: `--help` stays fast (no torch import)
     code = run(cfg)
     if code:
         # Hydra swallows return values; a non-zero exit status must leave the process.

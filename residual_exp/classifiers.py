@@ -95,3 +95,20 @@ class ClassifierHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         f = F.normalize(features, dim=-1)                                  # [B, D]
         return self.scale * f @ self.weight.to(f.dtype).T                  # [B, C]
+
+
+@torch.no_grad()
+def top1_accuracy(head, features, labels, batch: int = 4096) -> float:
+    """Micro top-1 accuracy of ``head`` on ``features`` ``[N, D]`` (tensor, array or memmap,
+    cast to float32) against ``labels`` ``[N]`` — the one accuracy of the package outside the
+    Lightning loop (which uses torchmetrics' micro average)."""
+    import numpy as np
+    f = features if torch.is_tensor(features) else torch.from_numpy(np.ascontiguousarray(features))
+    f = f.float()
+    y = labels if torch.is_tensor(labels) else torch.from_numpy(np.asarray(labels))
+    if len(f) != len(y):
+        raise ValueError(f"{len(f)} features but {len(y)} labels")
+    if len(f) == 0:
+        raise ValueError("accuracy of an empty set")
+    pred = torch.cat([head(f[i:i + batch]).argmax(-1).cpu() for i in range(0, len(f), batch)])
+    return float((pred == y.cpu()).double().mean())

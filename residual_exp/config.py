@@ -14,7 +14,8 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING                # registry key (model=NAME)
+    name: str = MISSING                # preset label (model=NAME), recorded in results
+    family: str = MISSING              # backbone family: open_clip | tiny_clip | timm | blip
     arch: Optional[str] = None         # library architecture name (open_clip / timm / hub id)
     pretrained: Optional[str] = None   # hub tag; null → random weights (tests, checks)
     weights: Optional[str] = None      # local checkpoint file (overrides `pretrained`)
@@ -31,17 +32,18 @@ class DatasetConfig:
     download: bool = False             # download where the source still allows it
     batch_size: int = 64               # images per forward when encoding
     num_workers: int = 0
+    skip_bad_images: bool = False      # skip (and count) unreadable images instead of failing
+    content_hash: bool = False         # fingerprint folder data by content (SHA-256), not size + mtime
     params: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class PCAConfig:
-    """Per-unit PCA bases: where they are fitted and how they are pruned."""
-    reference: Optional[str] = None    # dataset name to fit on; null → the target dataset's reference
-    split: str = "reference"           # split of that dataset (reference = ImageNet train for real sets)
-    max_samples: Optional[int] = None  # cap on images used for fitting
-    evr: Optional[float] = None        # keep leading PCs up to this explained-variance ratio per unit
-    k: Optional[int] = None            # or keep the first k PCs per unit (null + null: keep all)
+    """Where the per-unit PCA bases are fitted (how many components a method keeps is the
+    method's choice: ``method.evr`` / ``method.k``)."""
+    reference: Optional[DatasetConfig] = None   # dataset node the bases are fitted on (null: the target dataset)
+    split: str = "reference"           # split of that dataset (train for ImageNet, as in the paper)
+    max_samples: Optional[int] = None  # cap on images used for fitting (seeded uniform subsample)
 
 
 @dataclass
@@ -50,9 +52,12 @@ class MethodConfig:
     name: str = MISSING                # base | finetune | linear_adapter | spectral_adapter | residual_*
     units: str = "heads"               # heads | mlps | heads+mlps | all | output
     others: str = "drop"               # units not selected: drop | mean | add
+    evr: Optional[float] = None        # keep each unit's leading PCs up to this explained-variance ratio
+    k: Optional[int] = None            # or its first k PCs (null + null: keep all)
     dropped_value: float = 0.0         # λ of pruned components (0 removes them, 1 keeps them as is)
     init: str = "normal"               # λ init: normal (N(1,1)) | ones | eigenvalues
-    lr: float = 0.8                    # Schedule-Free AdamW learning rate
+    lr: float = 0.8                    # Schedule-Free AdamW learning rate (trainer.lr_find replaces it)
+    batch_size: int = 64               # training batch size
     weight_decay: float = 0.0
     grad_clip: Optional[float] = None
     cache: bool = True                 # encode once (true) or run the backbone every step (false)
@@ -62,8 +67,6 @@ class MethodConfig:
 class TrainerConfig:
     max_epochs: int = 30
     patience: int = 5                  # early stopping on val accuracy
-    batch_size: int = 64
-    lr: Optional[float] = None         # overrides method.lr when set
     lr_find: bool = False              # run Lightning's LR finder first (schedule-free aware)
     accelerator: str = "auto"
     devices: int = 1
@@ -106,6 +109,7 @@ class CheckDecompositionTask(TaskConfig):
 @dataclass
 class InspectDataTask(TaskConfig):
     name: str = "inspect_data"
+    verify: bool = False               # open every image; report corrupt files, class counts
 
 
 @dataclass

@@ -29,8 +29,8 @@ import torch
 from omegaconf import OmegaConf
 
 MODELS = {
-    "tiny_clip": dict(name="tiny_clip", arch="tiny-clip", pretrained="embedded"),
-    "vit_b16": dict(name="open_clip", arch="ViT-B-16", pretrained=None),
+    "tiny_clip": dict(name="tiny_clip", family="tiny_clip", arch="tiny-clip", pretrained="embedded"),
+    "vit_b16": dict(name="open_clip", family="open_clip", arch="ViT-B-16", pretrained=None),
 }
 
 
@@ -40,24 +40,24 @@ def _cfgs(model: str, n_train: int, n_eval: int, n_ref: int, epochs: int, batch:
     data_cfg = OmegaConf.create(dict(name="shapes_shape", root="data", download=False, batch_size=batch,
                                      num_workers=0, params=dict(n_train=n_train, n_val=n_eval, n_test=n_eval,
                                                                 n_reference=n_ref)))
-    trainer_cfg = OmegaConf.create(dict(max_epochs=epochs, patience=epochs + 1, batch_size=64, lr=None,
-                                        lr_find=False, accelerator="auto", devices=1, precision="32-true",
+    trainer_cfg = OmegaConf.create(dict(max_epochs=epochs, patience=epochs + 1, lr_find=False, accelerator="auto", devices=1, precision="32-true",
                                         num_workers=0, progress_bar=False, cpu_threads=None))
-    method_cfg = OmegaConf.create(dict(name="residual_full", units="heads+mlps", others="add", dropped_value=0.0,
-                                       init="normal", lr=0.8, weight_decay=0.0, grad_clip=None, cache=True))
+    method_cfg = OmegaConf.create(dict(name="residual_full", units="heads+mlps", others="add", evr=None, k=None,
+                                       dropped_value=0.0, init="normal", lr=0.8, batch_size=64, weight_decay=0.0,
+                                       grad_clip=None, cache=True))
     return model_cfg, data_cfg, trainer_cfg, method_cfg
 
 
 def _one(mode: str, model: str, args, queue) -> None:
-    from residual_exp.backbones.base import build_backbone
+    from residual_exp.backbones import build_backbone
     from residual_exp.cache import Cache
     from residual_exp.classifiers import ClassifierHead, zero_shot_weights
     from residual_exp.data.registry import build_split
     from residual_exp.encode import dataset_identity, encode_split, fit_bases, model_identity
     from residual_exp.methods import build_adapter
-    from residual_exp.run import quiet_libraries, training_threads
+    from residual_exp.runtime import quiet_libraries
     from residual_exp.train.data import ImageItems, batches, prepare_encoded
-    from residual_exp.train.fit import fit_and_test
+    from residual_exp.train.fit import fit_and_test, training_threads
     from residual_exp.train.module import AdapterModule
 
     quiet_libraries()
@@ -81,8 +81,7 @@ def _one(mode: str, model: str, args, queue) -> None:
         head = ClassifierHead(zero_shot_weights(bb, splits["train"].classnames, splits["train"].templates,
                                                 device, progress=False).float(), bb.logit_scale)
         times["bases"] = time.perf_counter() - t
-        adapter = build_adapter(methcfg, OmegaConf.create(dict(evr=None, k=None)), bb.layout, bb.output_dim,
-                                ub, ob, seed=0).float()
+        adapter = build_adapter(methcfg, bb.layout, bb.output_dim, ub, ob, seed=0).float()
         t = time.perf_counter()
         if mode == "cached":
             enc = {s: encode_split(bb, splits[s], cache, ident(s, splits[s]), device, args.batch, progress=False)
@@ -95,7 +94,7 @@ def _one(mode: str, model: str, args, queue) -> None:
         times["encode"] = time.perf_counter() - t
         loaders = {s: batches(d, 64, s == "train") for s, d in data.items()}
         t = time.perf_counter()
-        with training_threads(adapter, tcfg, device, mode != "cached"):
+        with training_threads(adapter, tcfg, methcfg.batch_size, device, mode != "cached"):
             res = fit_and_test(module, loaders, tcfg, Path(tmp) / "run", None, device)
         times["train+test"] = time.perf_counter() - t
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "conf" / "experiment"
+OUT = ROOT / "residual_exp" / "conf" / "experiment"
 
 MODELS = ("clip_b", "clip_l", "openclip_b", "openclip_l", "vit_l", "dinov2_l", "blip_l_flickr")
 DATASETS = ("cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "stanford_cars",

@@ -11,7 +11,7 @@ from omegaconf import open_dict
 from residual_exp.config import register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+CONF = ROOT / "residual_exp" / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 register_configs()
 

@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..classifiers import top1_accuracy
 from ..spectral import PCABasis, StreamingPCA, unit_similarity
 
 __all__ = ["keep_counts", "head_zero_shot", "text_alignment", "output_correlation", "order_of",
-           "random_orders", "ablated_feature", "selection_curve", "accuracy"]
+           "random_orders", "ablated_feature", "selection_curve", "SCORES", "head_basis", "head_scores",
+           "score_rows", "selection_table", "pivot"]
 
 
 def _t(x) -> torch.Tensor:
@@ -63,18 +65,11 @@ def keep_counts(num_heads: int, top: Sequence[int] = (1,),
     return [(k, "/".join(wanted[k])) for k in sorted(wanted)]
 
 
-def accuracy(classifier: Callable, features: torch.Tensor, labels, batch: int = 8192) -> float:
-    y = torch.as_tensor(np.asarray(labels))
-    with torch.no_grad():
-        pred = torch.cat([classifier(features[i:i + batch]).argmax(-1) for i in range(0, len(features), batch)])
-    return float((pred.cpu() == y).double().mean())
-
-
 @torch.no_grad()
 def head_zero_shot(units, labels, head_idx: Sequence[int], classifier: Callable,
                    progress: bool = False) -> np.ndarray:
     """``[H]``: accuracy of each head's output alone through the frozen classifier."""
-    return np.array([accuracy(classifier, _t(units[:, u]), labels)
+    return np.array([top1_accuracy(classifier, _t(units[:, u]), labels)
                      for u in tqdm(head_idx, desc="head zero-shot", disable=not progress, leave=False)])
 
 
@@ -157,7 +152,7 @@ def selection_curve(units, labels, classifier: Callable, head_idx: Sequence[int]
                     others_idx: Sequence[int] = (), others: str = "drop") -> np.ndarray:
     """Accuracy for every k in ``ks`` when keeping the first k heads of ``order`` → ``[len(ks)]``.
 
-    Equal to ``accuracy(classifier, ablated_feature(units, head_idx, order[:k], …))`` for each
+    Equal to ``top1_accuracy(classifier, ablated_feature(units, head_idx, order[:k], …))`` for each
     k, computed with one running sum over the order.
     """
     if ablation not in ("zero", "mean"):
@@ -182,7 +177,87 @@ def selection_curve(units, labels, classifier: Callable, head_idx: Sequence[int]
         if ablation == "mean":
             run -= means[u].float()
         if i in wanted:
-            acc[i] = accuracy(classifier, run, labels)
+            acc[i] = top1_accuracy(classifier, run, labels)
     if 0 in wanted:
-        acc[0] = accuracy(classifier, base, labels)
+        acc[0] = top1_accuracy(classifier, base, labels)
     return np.array([acc[int(k)] for k in ks])
+
+
+SCORES = ("zero_shot", "text_alignment", "output_correlation")
+
+
+def head_basis(units, head_idx: Sequence[int], chunk: int = 1024) -> PCABasis:
+    """Per-head PCA of ``units[:, head_idx]`` (streamed in chunks of rows)."""
+    pca = StreamingPCA(len(head_idx), units.shape[2])
+    for i in range(0, len(units), chunk):
+        pca.update(_t(np.asarray(units[i:i + chunk][:, list(head_idx)])))      # [b, H, D]
+    return pca.finalize()
+
+
+def head_scores(which: Sequence[str], units, features, labels, head_idx: Sequence[int], classifier,
+                evr: float | None = 0.9, progress: bool = False) -> dict[str, np.ndarray]:
+    """``{score: [H]}`` for the requested scores (see the module docstring), in ``SCORES`` order."""
+    bad = [s for s in which if s not in SCORES]
+    if bad:
+        raise ValueError(f"analysis.scores: unknown {bad}; valid: {', '.join(SCORES)} (random: analysis.random_seeds)")
+    out: dict[str, np.ndarray] = {}
+    if "zero_shot" in which:
+        out["zero_shot"] = head_zero_shot(units, labels, head_idx, classifier, progress)
+    if "text_alignment" in which:
+        out["text_alignment"] = text_alignment(head_basis(units, head_idx), classifier.weight, True, evr)
+    if "output_correlation" in which:
+        out["output_correlation"] = output_correlation(units, features, head_idx, progress)
+    return out
+
+
+def score_rows(model: str, names: Sequence[str], layers: Sequence[int], heads: Sequence[int],
+               scores: dict[str, np.ndarray], orders: dict[str, np.ndarray]) -> list[dict]:
+    """One row per head: its layer/head, every score and the head's rank under it (1 = best)."""
+    rows = []
+    for p, n in enumerate(names):
+        r = {"model": model, "unit": n, "layer": layers[p], "head": heads[p]}
+        for s, v in scores.items():
+            r[s] = float(v[p])
+            r[f"{s}_rank"] = int(np.where(orders[s] == p)[0][0]) + 1
+        rows.append(r)
+    return rows
+
+
+def selection_table(model: str, names: Sequence[str], units, labels, classifier, head_idx: Sequence[int],
+                    orders: dict[str, np.ndarray], randoms: dict[int, np.ndarray], ks_labels, ablations,
+                    means, others_idx: Sequence[int], others: str):
+    """``(rows, curves)`` of keeping the top-k heads of every order (score orders and random ones)
+    under every ablation: one row per (ablation, order, k); ``curves[ablation][score]`` is
+    ``[1 or #seeds, len(ks)]``."""
+    ks = [k for k, _ in ks_labels]
+    lab = dict(ks_labels)
+    rows, curves = [], {}
+    for abl in ablations:
+        curves[abl] = {}
+        todo = [(s, None, o) for s, o in orders.items()] + [("random", seed, o) for seed, o in randoms.items()]
+        rand_acc = []
+        for s, seed, order in todo:
+            acc = selection_curve(units, labels, classifier, head_idx, order, ks, abl, means, others_idx, others)
+            if s == "random":
+                rand_acc.append(acc)
+            else:
+                curves[abl][s] = acc[None]
+            for k, v in zip(ks, acc):
+                rows.append({"model": model, "ablation": abl, "others": others, "score": s,
+                             "seed": seed if seed is not None else "", "k": k, "keep": lab[k],
+                             "n_ablated": len(head_idx) - k, "accuracy": float(v),
+                             "kept": " ".join(names[int(p)] for p in order[:k])})
+        if rand_acc:
+            curves[abl]["random"] = np.stack(rand_acc)
+    return rows, curves
+
+
+def pivot(rows: Sequence[dict]) -> list[dict]:
+    """Accuracy vs heads kept, one row per (model, ablation, k), one column per score
+    (random: ``mean±std`` over its seeds)."""
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["ablation"], r["k"], r["keep"]), {}).setdefault(r["score"], []).append(r["accuracy"])
+    return [{"model": m, "ablation": ab, "k": k, "keep": kp,
+             **{s: (f"{np.mean(v):.3f}±{np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}") for s, v in d.items()}}
+            for (m, ab, k, kp), d in cells.items()]

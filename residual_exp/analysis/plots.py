@@ -1,11 +1,11 @@
-"""Outputs of the analyses: tables (CSV + markdown) and PNG plots (matplotlib, Agg backend).
+"""Outputs of the analyses: PNG plots (matplotlib, Agg backend); tables are
+:mod:`residual_exp.tables` (re-exported here for the analyses' glue).
 
 Library code: every function takes plain rows / arrays and a path; nothing here knows about
 Hydra, models or data.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 from pathlib import Path
@@ -13,53 +13,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write_text, save_figure
+from ..tables import markdown_table, write_table
+
 __all__ = ["write_table", "markdown_table", "plot_id_profiles", "plot_heatmaps", "plot_selection_curves",
            "plot_similarity_profiles", "plot_lambda_gains"]
-
-
-# --------------------------------------------------------------------------- tables
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(v)
-
-
-def _columns(rows: Sequence[Mapping]) -> list[str]:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    return cols
-
-
-def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
-    """A GitHub-flavoured markdown table (floats with 4 significant digits)."""
-    cols = list(columns or _columns(rows))
-    esc = lambda s: s.replace("|", "\\|")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(esc(_fmt(r.get(c))) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_table(rows: Sequence[Mapping], path: str | os.PathLike, title: str | None = None,
-                columns: Sequence[str] | None = None) -> tuple[Path, Path]:
-    """Write ``rows`` to ``<path>.csv`` (full precision) and ``<path>.md``; returns both paths."""
-    base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    cols = list(columns or _columns(rows))
-    csv_path, md_path = base.with_suffix(".csv"), base.with_suffix(".md")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: r.get(c, "") for c in cols})
-    md = (f"# {title}\n\n" if title else "") + markdown_table(rows, cols)
-    md_path.write_text(md)
-    return csv_path, md_path
 
 
 # --------------------------------------------------------------------------- plots
@@ -71,11 +29,9 @@ def _plt():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
     _plt().close(fig)
-    return path
+    return Path(path)
 
 
 def plot_id_profiles(profiles: Mapping[str, Sequence[Mapping]], path: str | os.PathLike,
@@ -226,7 +182,5 @@ def plot_lambda_gains(names: Sequence[str], gains: Sequence[float], path: str | 
 
 
 def save_text(lines: Iterable[str], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return Path(path)

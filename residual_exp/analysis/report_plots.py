@@ -2,7 +2,6 @@
 zero-shot per dataset, and the per-unit λ spectra of one run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,9 +10,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..atomic import save_figure  # noqa: E402
+from ..methods import METHODS  # noqa: E402
+from ..results import LAMBDA_FILE, load_lambda  # noqa: E402
+
 
 def _methods(df) -> list[str]:
-    from ..methods import METHODS
     present = set(df.method)
     return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
 
@@ -46,7 +48,7 @@ def plot_accuracy_vs_params(df, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -77,7 +79,7 @@ def plot_gain_over_zero_shot(df, path: Path) -> Path:
     if methods:
         axes[0, 0].legend(fontsize=7, ncol=min(len(methods), 3), loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -85,29 +87,11 @@ def plot_gain_over_zero_shot(df, path: Path) -> Path:
 def find_lambda_run(records: list[dict], preference) -> Path | None:
     """The newest run with ``lambda.safetensors``, preferring methods in ``preference`` order."""
     rank = {m: i for i, m in enumerate(preference)}
-    cands = [r for r in records if r["method"] != "base" and (Path(r["run_dir"]) / "lambda.safetensors").is_file()]
+    cands = [r for r in records if r["method"] != "base" and (Path(r["run_dir"]) / LAMBDA_FILE).is_file()]
     if not cands:
         return None
     best = min(cands, key=lambda r: (rank.get(r["method"], len(rank)), -r["mtime"]))
     return Path(best["run_dir"])
-
-
-def load_lambda(run_dir: Path) -> tuple[np.ndarray, np.ndarray | None, list[str], dict]:
-    """``(lambda, mask, unit names, metadata)`` of ``run_dir/lambda.safetensors``."""
-    from safetensors import safe_open
-    path = Path(run_dir) / "lambda.safetensors"
-    with safe_open(str(path), framework="np") as f:
-        meta = f.metadata() or {}
-        keys = set(f.keys())
-        if "lambda" not in keys:
-            raise ValueError(f"{path} holds no 'lambda' tensor (method {meta.get('method', '?')}: "
-                             f"tensors {sorted(keys)})")
-        lam = f.get_tensor("lambda")
-        mask = f.get_tensor("mask") if "mask" in keys else None
-    units = json.loads(meta.get("units", "[]"))
-    if len(units) != lam.shape[0]:
-        units = [f"unit {i}" for i in range(lam.shape[0])]
-    return lam, mask, units, meta
 
 
 def plot_lambda_spectra(run_dir: Path, path: Path) -> Path:
@@ -117,8 +101,13 @@ def plot_lambda_spectra(run_dir: Path, path: Path) -> Path:
     (untrained / pruned entries blank) and every unit's λ_k against k, coloured by depth.
     ``residual_coarse`` (λ ``[S]``): one bar per head.
     """
-    lam, mask, units, meta = load_lambda(run_dir)
-    method = meta.get("method", "?")
+    trained = load_lambda(run_dir)
+    if trained.lam is None:
+        raise ValueError(f"{run_dir}: its λ file holds no 'lambda' tensor (method {trained.method}: tensors "
+                         f"{sorted(trained.tensors)})")
+    lam = trained.lam.double().numpy()
+    mask = trained.mask.numpy() if trained.mask is not None else None
+    units, method = trained.units, trained.method
     title = f"λ of {Path(run_dir).name} ({method})"
     if lam.ndim == 1:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(units)), 3.5))
@@ -155,6 +144,6 @@ def plot_lambda_spectra(run_dir: Path, path: Path) -> Path:
         ax1.set_title(f"per-unit spectra ({len(units)} units; colour = depth, {units[0]} → {units[-1]})")
         ax1.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

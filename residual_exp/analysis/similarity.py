@@ -34,8 +34,8 @@ import torch
 
 from ..spectral import PCABasis, cross_similarity, unit_similarity
 
-__all__ = ["dataset_similarity", "grid_of", "layer_profile", "profile_correlation", "cross_model_grid",
-           "similarity_rows"]
+__all__ = ["dataset_similarity", "grid_of", "unit_grid", "layer_profile", "profile_correlation",
+           "cross_model_grid", "raw_cross_model", "similarity_rows", "summary_row"]
 
 
 def grid_of(values: Sequence[float], layers: Sequence[int], heads: Sequence[int],
@@ -45,6 +45,29 @@ def grid_of(values: Sequence[float], layers: Sequence[int], heads: Sequence[int]
     for v, l, h in zip(values, layers, heads):
         g[int(l), int(h)] = float(v)
     return g
+
+
+def unit_grid(values: Sequence[float], kinds: Sequence[str], layers: Sequence[int], heads: Sequence[int],
+              num_layers: int, num_heads: int) -> np.ndarray:
+    """Heads in a ``[L, H]`` grid (:func:`grid_of`) plus, when MLP units are among the values, a
+    last column ``H`` holding each layer's MLP; NaN where there is no value."""
+    sel = [(v, l, h) for v, k, l, h in zip(values, kinds, layers, heads) if k == "head"]
+    g = grid_of([v for v, _, _ in sel], [l for _, l, _ in sel], [h for _, _, h in sel], num_layers, num_heads)
+    mlps = [(v, l) for v, k, l in zip(values, kinds, layers) if k == "mlp"]
+    if not mlps:
+        return g
+    col = grid_of([v for v, _ in mlps], [l for _, l in mlps], [0] * len(mlps), num_layers, 1)
+    return np.concatenate([g, col], axis=1)
+
+
+def summary_row(model: str, dataset: str, variant: str, names: Sequence[str], sims: Sequence[float]) -> dict:
+    """Mean / min similarity over the units of one (model, dataset, variant), and the weakest unit."""
+    sims = np.asarray(sims, dtype=float)
+    empty = sims.size == 0
+    return {"model": model, "dataset": dataset, "variant": variant,
+            "mean": float("nan") if empty else float(sims.mean()),
+            "min": float("nan") if empty else float(sims.min()),
+            "min_unit": "" if empty else names[int(np.argmin(sims))]}
 
 
 def dataset_similarity(ref: PCABasis, other: PCABasis, indices: Sequence[int], weighted: bool,
@@ -117,3 +140,29 @@ def cross_model_grid(basis_a: PCABasis, idx_a: Sequence[int], basis_b: PCABasis,
     out = cross_similarity(basis_a.select(list(idx_a)), basis_b.select(list(idx_b)).to(
         device=basis_a.mean.device), weighted=weighted, evr=evr)
     return out.cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
+
+
+def raw_cross_model(head_bases: Mapping[str, tuple[PCABasis, object]]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """``cross_model=raw`` for every two models: ``(rows, grids)``.  ``head_bases[label]`` is
+    ``(basis of the model's heads, its UnitLayout)``.  Rows name, per head of model a, the most
+    similar head of model b (and the similarity to the head of the same name); models with other
+    output dims are reported as not comparable.  ``grids["a × b"]`` is the ``[H_a, H_b]`` grid."""
+    labels = list(head_bases)
+    rows, grids = [], {}
+    for i, la in enumerate(labels):
+        for lb in labels[i + 1:]:
+            (ba, lay_a), (bb, lay_b) = head_bases[la], head_bases[lb]
+            if ba.dim != bb.dim:
+                rows.append({"model_a": la, "model_b": lb, "note": f"output dims differ ({ba.dim} vs {bb.dim}): "
+                             "different spaces, not compared"})
+                continue
+            grid = cross_model_grid(ba, range(ba.num_units), bb, range(bb.num_units), True, None)
+            grids[f"{la} × {lb}"] = grid
+            names_a = [n for n, k in zip(lay_a.names, lay_a.kinds) if k == "head"]
+            names_b = [n for n, k in zip(lay_b.names, lay_b.kinds) if k == "head"]
+            for r, na in enumerate(names_a):
+                j = int(np.argmax(grid[r]))
+                same = names_b.index(na) if na in names_b else None
+                rows.append({"model_a": la, "model_b": lb, "unit_a": na, "best_unit_b": names_b[j],
+                             "best": float(grid[r, j]), "same_name": float(grid[r, same]) if same is not None else None})
+    return rows, grids

@@ -133,6 +133,15 @@ def filter_known(texts: Sequence[str], unknown_words: Callable[[list[str]], set]
 
 
 @torch.no_grad()
+def usable_dictionary(texts: Sequence[str], backbone, label: str, source: str) -> tuple[list[str], list[str], str]:
+    """``(kept, dropped, message)``: the descriptions whose words ``backbone``'s tokenizer knows
+    (a word-level tokenizer, as the tiny CLIP's, maps unknown words to one id)."""
+    unknown = getattr(getattr(backbone, "_tokenizer", None), "unknown_words", None)
+    kept, dropped = filter_known(texts, unknown)
+    return kept, dropped, (f"{label}: dictionary {source}: {len(texts)} descriptions, {len(dropped)} dropped "
+                           f"(words unknown to the tokenizer), {len(kept)} kept")
+
+
 def encode_texts(backbone, texts: Sequence[str], device="cpu", batch_size: int = 256,
                  progress: bool = False) -> torch.Tensor:
     """``[T, D]`` L2-normalised text embeddings (float32, on CPU)."""
@@ -268,3 +277,22 @@ def lambda_components(lam: torch.Tensor, mask: torch.Tensor, eigenvalues: torch.
             row["delta_share"] = row["share"] - row["share_init"]
         rows.append(row)
     return rows
+
+
+def report_lines(names: Sequence[str], pc_rows: Sequence[dict], span_rows: Sequence[dict],
+                 n_components: int) -> list[str]:
+    """Markdown lines: per unit its SOMP descriptions, then per principal component its OMP ones."""
+    lines = ["## Per unit (TextSpan/SOMP on the scaled PCs)", ""]
+    for n in names:
+        sel = [r for r in span_rows if r["unit"] == n]
+        if sel:
+            lines.append(f"- **{n}** ({sel[0]['n_pcs']} PCs): " + "; ".join(
+                f"{r['description']} ({r['explained']:.0%})" for r in sel))
+    lines += ["", "## Per principal component (OMP; sign = end of the PC)", ""]
+    for n in names:
+        for pc in range(n_components):
+            sel = [r for r in pc_rows if r["unit"] == n and r["pc"] == pc]
+            if sel:
+                lines.append(f"- {n} PC{pc} (EVR {sel[0]['evr']:.2f}): " + ", ".join(
+                    f"{'+' if r['cosine'] >= 0 else '−'}{r['description']}" for r in sel))
+    return lines + [""]

@@ -12,14 +12,16 @@ it needs, whatever the family (open_clip, timm, BLIP, …):
 * ``vision``               the ``nn.Module`` holding the image tower (what ``finetune`` trains)
 * ``logit_scale``          the temperature of the zero-shot classifier (float)
 
-Builders are registered with :func:`register_backbone` and receive the ``model`` config node
-(``name, arch, pretrained, weights, image_size, logit_scale, cache_dir``).
+Builders are registered per *family* with :func:`register_backbone` and receive the ``model``
+config node (``name, family, arch, pretrained, weights, image_size, logit_scale, cache_dir,
+params``).  A model preset (``conf/model/NAME.yaml``) is the one source of truth for a
+model: its family, architecture, weights tag and family options (e.g. ``params.quick_gelu``).
 """
 from __future__ import annotations
 
 import abc
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -94,42 +96,20 @@ class Backbone(nn.Module, abc.ABC):
 # --- registry ---------------------------------------------------------------------------
 @dataclass
 class BackboneEntry:
-    name: str
+    family: str
     builder: Callable[..., Backbone]
     description: str = ""
-    defaults: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, BackboneEntry] = {}
+REGISTRY: dict[str, BackboneEntry] = {}
 
 
-def register_backbone(name: str, description: str = "", **defaults):
+def register_backbone(family: str, description: str = ""):
+    """Register ``builder(model_cfg) -> Backbone`` for ``model.family=FAMILY``.  The family
+    modules register themselves when :mod:`residual_exp.backbones` is imported."""
     def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} registered twice")
-        _REGISTRY[name] = BackboneEntry(name, fn, description, defaults)
+        if family in REGISTRY:
+            raise ValueError(f"backbone family {family!r} registered twice")
+        REGISTRY[family] = BackboneEntry(family, fn, description)
         return fn
     return deco
-
-
-def _ensure_loaded() -> None:
-    import importlib
-    for mod in ("open_clip_backbone", "tiny_clip", "timm_backbone", "blip_backbone"):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:  # a family file not written yet
-            if mod not in str(e):
-                raise
-
-
-def list_backbones() -> list[str]:
-    _ensure_loaded()
-    return sorted(_REGISTRY)
-
-
-def build_backbone(cfg) -> Backbone:
-    """Build the backbone named ``cfg.name`` (the ``model`` config node)."""
-    _ensure_loaded()
-    if cfg.name not in _REGISTRY:
-        raise KeyError(f"unknown model {cfg.name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[cfg.name].builder(cfg)

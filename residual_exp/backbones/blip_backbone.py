@@ -259,9 +259,13 @@ def create_blip(arch: str, pretrained: str | None = None, weights: str | None = 
     return model.eval()
 
 
-def _build(cfg, default_arch: str = "blip-itm-large") -> BlipBackbone:
+@register_backbone("blip", "BLIP ITC retrieval models (transformers BlipForImageTextRetrieval): "
+                           "model.arch=<preset> model.pretrained=<hub repo | null>")
+def build_blip(cfg) -> BlipBackbone:
+    if not cfg.arch:
+        raise ValueError(f"model.arch is required for model.family=blip; presets: {sorted(PRESETS)}")
     params = dict(cfg.params or {})
-    model = create_blip(cfg.arch or default_arch, cfg.pretrained, cfg.weights, cfg.image_size,
+    model = create_blip(cfg.arch, cfg.pretrained, cfg.weights, cfg.image_size,
                         cfg.cache_dir, params)
     native = model.config.vision_config.image_size
     size = int(cfg.image_size or (native if isinstance(native, int) else native[0]))
@@ -276,8 +280,3 @@ def _build(cfg, default_arch: str = "blip-itm-large") -> BlipBackbone:
         tok = str(Path(cfg.weights).expanduser())
     return BlipBackbone(cfg.name, model, blip_transform(size), size, tokenizer_source=tok,
                         cache_dir=cfg.cache_dir, logit_scale=logit_scale)
-
-
-@register_backbone("blip_l_flickr", "BLIP ViT-L ITC retrieval, Flickr30k (Salesforce/blip-itm-large-flickr)")
-def build_blip_l_flickr(cfg):
-    return _build(cfg)

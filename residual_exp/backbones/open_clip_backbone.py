@@ -155,27 +155,13 @@ def create_open_clip(arch: str, pretrained: str | None, weights: str | None, ima
     return model, transform, tokenizer
 
 
-def _build(cfg, default_arch: str | None = None, quick_gelu: bool = False) -> OpenClipBackbone:
-    arch = cfg.arch or default_arch
-    if not arch:
-        raise ValueError("model.arch is required for model=open_clip (e.g. model.arch=ViT-B-16)")
-    model, transform, tokenizer = create_open_clip(arch, cfg.pretrained, cfg.weights, cfg.image_size,
-                                                   cfg.cache_dir, quick_gelu or bool(cfg.params.get("quick_gelu", False)))
+@register_backbone("open_clip", "any CLS-pooled open_clip ViT: model.arch=… model.pretrained=… "
+                                "(model.params.quick_gelu for OpenAI weights)")
+def build_open_clip(cfg) -> OpenClipBackbone:
+    if not cfg.arch:
+        raise ValueError("model.arch is required for model.family=open_clip (e.g. model.arch=ViT-B-16)")
+    model, transform, tokenizer = create_open_clip(cfg.arch, cfg.pretrained, cfg.weights, cfg.image_size,
+                                                   cfg.cache_dir, bool(cfg.params.get("quick_gelu", False)))
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     return OpenClipBackbone(cfg.name, model, transform, tokenizer, int(size))
-
-
-@register_backbone("open_clip", "any CLS-pooled open_clip ViT: model.arch=… model.pretrained=…")
-def build_open_clip(cfg):
-    return _build(cfg)
-
-
-for _name, _arch, _qg, _desc in [
-    ("clip_b", "ViT-B-16", True, "OpenAI CLIP ViT-B/16 (QuickGELU), pretrained=openai"),
-    ("clip_l", "ViT-L-14", True, "OpenAI CLIP ViT-L/14 (QuickGELU), pretrained=openai"),
-    ("openclip_b", "ViT-B-16", False, "OpenCLIP ViT-B/16, pretrained=laion2b_s34b_b88k"),
-    ("openclip_l", "ViT-L-14", False, "OpenCLIP ViT-L/14, pretrained=laion2b_s32b_b82k"),
-]:
-    register_backbone(_name, _desc)(
-        lambda cfg, _a=_arch, _q=_qg: _build(cfg, default_arch=_a, quick_gelu=_q))

@@ -345,28 +345,13 @@ def timm_transform(model: nn.Module, image_size: int, overrides: dict | None = N
     return create_transform(**data_cfg, is_training=False)
 
 
-def _build(cfg, default_arch: str | None = None) -> TimmBackbone:
-    arch = cfg.arch or default_arch
-    if not arch:
-        raise ValueError("model.arch is required for model=timm (e.g. model.arch=vit_large_patch16_224)")
+@register_backbone("timm", "any CLS-pooled timm ViT: model.arch=… model.pretrained=<tag | HF ViT repo | null>")
+def build_timm(cfg) -> TimmBackbone:
+    if not cfg.arch:
+        raise ValueError("model.arch is required for model.family=timm (e.g. model.arch=vit_large_patch16_224)")
     params = dict(cfg.params or {})
-    model = create_timm(arch, cfg.pretrained, cfg.weights, cfg.image_size, cfg.cache_dir, params)
+    model = create_timm(cfg.arch, cfg.pretrained, cfg.weights, cfg.image_size, cfg.cache_dir, params)
     size = model.patch_embed.img_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     transform = timm_transform(model, size, params.get("data_config"))
     return TimmBackbone(cfg.name, model, transform, size, logit_scale=cfg.logit_scale)
-
-
-@register_backbone("timm", "any CLS-pooled timm ViT: model.arch=… model.pretrained=<tag | HF ViT repo | null>")
-def build_timm(cfg):
-    return _build(cfg)
-
-
-@register_backbone("vit_l", "ViT-L/16 in21k→in1k (paper: google/vit-large-patch16-224, converted to timm)")
-def build_vit_l(cfg):
-    return _build(cfg, default_arch="vit_large_patch16_224")
-
-
-@register_backbone("dinov2_l", "DINOv2 ViT-L/14 (timm vit_large_patch14_dinov2.lvd142m) at 224 px")
-def build_dinov2_l(cfg):
-    return _build(cfg, default_arch="vit_large_patch14_dinov2")

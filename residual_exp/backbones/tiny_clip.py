@@ -133,7 +133,7 @@ def save_tiny_clip(model, tokenizer: WordTokenizer, path: str | os.PathLike, met
         os.chmod(tmp, 0o644)
 
 
-@register_backbone("tiny_clip", "4-layer width-128 CLIP at 32 px, pretrained on the synthetic shapes captions")
+@register_backbone("tiny_clip", "the embedded 4-layer width-128 CLIP at 32 px, pretrained on the synthetic shapes captions")
 def build_tiny_clip(cfg) -> OpenClipBackbone:
     if cfg.weights:
         path = check_local_file(cfg.weights, "model.weights")

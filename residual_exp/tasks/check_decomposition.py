@@ -17,17 +17,11 @@ import time
 
 import torch
 
-from ..backbones.base import build_backbone
+from ..backbones import build_backbone
 from ..decompose.hooks import count_hooks
+from ..runtime import resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _device(cfg) -> torch.device:
-    want = str(cfg.get("device", "auto"))
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
 
 
 def _timed(fn, device: torch.device):
@@ -45,7 +39,7 @@ def check_decomposition(cfg) -> int:
     task = cfg.task
     if task.dtype not in DTYPES:
         raise ValueError(f"task.dtype={task.dtype!r}; valid: {sorted(DTYPES)}")
-    dtype, device = DTYPES[task.dtype], _device(cfg)
+    dtype, device = DTYPES[task.dtype], torch.device(resolve_device(cfg.get("device", "auto")))
     torch.manual_seed(int(task.seed))
 
     backbone = build_backbone(cfg.model).to(device=device, dtype=dtype).eval()

@@ -21,10 +21,15 @@ were dropped and lists the non-zero-shot ones.  Written to ``task.out_dir`` (def
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
+
+from ..atomic import atomic_write_text
+from ..methods import METHODS
+from ..results import LAMBDA_FILE, ResultsFileError, read_results
+from ..runtime import run_dir_of
+from ..tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,6 @@ LAMBDA_PREFERENCE = ("residual_full", "residual_fine", "residual_coarse", "spect
 
 
 def _methods_order(present) -> list[str]:
-    from ..methods import METHODS
     return [m for m in METHODS if m in present] + sorted(m for m in present if m not in METHODS)
 
 
@@ -47,12 +51,10 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[str]]:
                 continue
             seen.add(path.resolve())
             try:
-                recs = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                warnings.append(f"skipped unreadable {path}: {e}")
+                recs = read_results(path)
+            except ResultsFileError as e:
+                warnings.append(f"skipped {e}")
                 continue
-            if isinstance(recs, dict):
-                recs = [recs]
             mtime = path.stat().st_mtime
             for r in recs:
                 if not isinstance(r, dict) or any(k not in r for k in ("model", "dataset", "method", "test_accuracy")):
@@ -107,54 +109,58 @@ def _cell(accs) -> str:
     return f"{a.mean():.1f}" if a.size == 1 else f"{a.mean():.1f} ± {a.std(ddof=1):.1f}"
 
 
-def markdown_table(df) -> str:
-    """The paper's layout (see the module docstring)."""
+def paper_table(df) -> str:
+    """The paper's layout (see the module docstring), as markdown."""
     methods = _methods_order(set(df.method))
-    head = "| model | dataset | " + " | ".join(methods) + " |"
-    sep = "|---|---|" + "---:|" * len(methods)
-    lines = ["## Test accuracy (%)", "", head, sep]
-    notes = []
+    cols, align = ["model", "dataset"] + methods, ["l", "l"] + ["r"] * len(methods)
+    rows, notes = [], []
     for model in sorted(df.model.unique()):
         dm = df[df.model == model]
         datasets = sorted(dm.dataset.unique())
         for ds in datasets:
-            cells = [_cell(dm[(dm.dataset == ds) & (dm.method == m)].test_accuracy) for m in methods]
-            lines.append(f"| {model} | {ds} | " + " | ".join(cells) + " |")
-        means = []
+            rows.append({"model": model, "dataset": ds,
+                         **{m: _cell(dm[(dm.dataset == ds) & (dm.method == m)].test_accuracy) for m in methods}})
+        means = {}
         for m in methods:
             per_ds = dm[dm.method == m].groupby("dataset").test_accuracy.mean()
             if per_ds.empty:
-                means.append("–")
+                means[m] = "–"
                 continue
             mark = "" if len(per_ds) == len(datasets) else "†"
             if mark:
                 notes.append(f"† {model}/{m}: mean over {len(per_ds)} of {len(datasets)} datasets")
-            means.append(f"**{per_ds.mean() * 100:.1f}**{mark}")
-        lines.append(f"| {model} | **mean** | " + " | ".join(means) + " |")
-        params = [fmt_params(dm[dm.method == m].trainable_params) for m in methods]
-        lines.append(f"| {model} | *trainable params* | " + " | ".join(params) + " |")
+            means[m] = f"**{per_ds.mean() * 100:.1f}**{mark}"
+        rows.append({"model": model, "dataset": "**mean**", **means})
+        rows.append({"model": model, "dataset": "*trainable params*",
+                     **{m: fmt_params(dm[dm.method == m].trainable_params) for m in methods}})
+    lines = ["## Test accuracy (%)", "", markdown_table(rows, cols, fmt=_str, align=align).rstrip("\n")]
     if notes:
         lines += [""] + notes
     # summary: models x methods, mean over datasets
-    lines += ["", "## Mean over datasets (%)", "", "| model | " + " | ".join(methods) + " |",
-              "|---|" + "---:|" * len(methods)]
+    summary = []
     for model in sorted(df.model.unique()):
         dm = df[df.model == model]
-        row = []
+        row = {"model": model}
         for m in methods:
             v = dm[dm.method == m].groupby("dataset").test_accuracy.mean()
-            row.append("–" if v.empty else f"{v.mean() * 100:.1f}")
-        lines.append(f"| {model} | " + " | ".join(row) + " |")
-    all_means = []
-    for m in methods:
-        v = df[df.method == m].groupby(["model", "dataset"]).test_accuracy.mean()
-        all_means.append("–" if v.empty else f"**{v.mean() * 100:.1f}**")
+            row[m] = "–" if v.empty else f"{v.mean() * 100:.1f}"
+        summary.append(row)
     if df.model.nunique() > 1:
-        lines.append("| **all** | " + " | ".join(all_means) + " |")
+        row = {"model": "**all**"}
+        for m in methods:
+            v = df[df.method == m].groupby(["model", "dataset"]).test_accuracy.mean()
+            row[m] = "–" if v.empty else f"**{v.mean() * 100:.1f}**"
+        summary.append(row)
+    lines += ["", "## Mean over datasets (%)", "",
+              markdown_table(summary, ["model"] + methods, fmt=_str, align=["l"] + ["r"] * len(methods)).rstrip("\n")]
     seeds = sorted(df.seed.unique())
     lines += ["", f"{len(df)} records; {df.model.nunique()} models × {df.dataset.nunique()} datasets; "
                   f"seeds {', '.join(map(str, seeds))}" + ("" if len(seeds) == 1 else " (mean ± std over seeds)")]
     return "\n".join(lines) + "\n"
+
+
+def _str(key, v) -> str:
+    return "" if v is None else str(v)
 
 
 # --- the task -----------------------------------------------------------------------------
@@ -169,7 +175,6 @@ def report(cfg) -> int:
 
     from ..analysis.report_plots import (find_lambda_run, plot_accuracy_vs_params, plot_gain_over_zero_shot,
                                          plot_lambda_spectra)
-    from ..run import run_dir_of
 
     t = cfg.task
     given = ([cfg.sweep_dir] if cfg.get("sweep_dir") else []) + list(t.get("run_dirs") or [])
@@ -204,11 +209,11 @@ def report(cfg) -> int:
     first = ["model", "dataset", "method", "seed", "trainable_params", "test_accuracy", "val_accuracy",
              "zero_shot_test_accuracy", "zero_shot_val_accuracy", "gain"]
     df = df[[c for c in first if c in df] + [c for c in df.columns if c not in first]]
-    df.to_csv(out / "results.csv", index=False)
-    md = markdown_table(df)
+    atomic_write_text(out / "results.csv", df.to_csv(index=False))
+    md = paper_table(df)
     if notes:
         md += "\n" + "\n".join(f"- note: {n}" for n in notes) + "\n"
-    (out / "results.md").write_text(md)
+    atomic_write_text(out / "results.md", md)
     print(md)
 
     written = [out / "results.csv", out / "results.md"]
@@ -217,7 +222,7 @@ def report(cfg) -> int:
     lam_run = Path(str(t.lambda_run)).expanduser() if t.get("lambda_run") else find_lambda_run(kept, LAMBDA_PREFERENCE)
     if lam_run is None:
         print("no run with lambda.safetensors: λ spectra skipped (set task.lambda_run=DIR)")
-    elif not (lam_run / "lambda.safetensors").is_file():
+    elif not (lam_run / LAMBDA_FILE).is_file():
         return _fail(f"task.lambda_run={lam_run}: no lambda.safetensors there (only runs of spectral / "
                      "residual methods write one)")
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+from ..atomic import save_figure
 from .callbacks import LambdaMonitor
 from .module import AdapterModule
 
@@ -60,7 +62,7 @@ def fit_and_test(module: AdapterModule, loaders: dict, trainer_cfg, out_dir: Pat
                                         val_dataloaders=loaders["val"], update_attr=True)
         log.info("LR finder suggests lr=%.3g", module.lr)
         if finder is not None:
-            finder.plot(suggest=True).savefig(Path(out_dir) / "lr_find.png")
+            save_figure(finder.plot(suggest=True), Path(out_dir) / "lr_find.png")
     trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
     best_val = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
     test = trainer.test(module, dataloaders=loaders["test"], ckpt_path=checkpoint.best_model_path or None,
@@ -92,3 +94,21 @@ def _no_requeue_plugins() -> list:
     if not SLURMEnvironment.detect():
         return []
     return [SLURMEnvironment(auto_requeue=False)]
+
+
+@contextmanager
+def training_threads(adapter, trainer_cfg, batch_size: int, device: str, in_loop: bool):
+    """Torch CPU threads while λ trains.  Steps over cached tensors of a small adapter are
+    far below the cost of waking a thread pool (10× slower on a busy 2-core machine), so
+    ``trainer.cpu_threads=null`` uses one thread when ``batch × adapter size < 2·10⁸``."""
+    n = trainer_cfg.cpu_threads
+    if n is None and str(device) == "cpu" and not in_loop:
+        size = sum(t.numel() for t in list(adapter.parameters()) + list(adapter.buffers()))
+        n = 1 if size * batch_size < 2e8 else None
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,8 +12,7 @@ import netrc
 import os
 from pathlib import Path
 
-from hydra.utils import get_class
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,9 @@ def build_logger(logger_cfg, run_dir: Path, config: dict | None = None):
         log.info("W&B logging in %s mode under %s", kwargs["mode"], run_dir)
     elif "save_dir" in logger_cfg or target.endswith("CSVLogger"):
         kwargs = {"save_dir": str(run_dir)}
-    # not hydra.utils.instantiate(logger_cfg, **kwargs): its first parameter is named `config`,
-    # which collides with WandbLogger's `config=` keyword
-    node = OmegaConf.to_container(logger_cfg, resolve=True)
-    node.pop("_target_")
-    return get_class(target)(**{**node, **kwargs})
+    # instantiate a partial, then call it: hydra.utils.instantiate's own first parameter is named
+    # `config`, which would collide with WandbLogger's `config=` keyword
+    return instantiate(logger_cfg, _partial_=True, _convert_="all")(**kwargs)
 
 
 def _wandb_settings():

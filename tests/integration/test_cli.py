@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from residual_exp.run import RESULT_KEYS
+from residual_exp.results import RESULT_KEYS
 from tests.conftest import ROOT, TINY_DATA
 
 

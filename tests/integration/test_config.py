@@ -30,12 +30,22 @@ def test_default_config_is_the_embedded_synthetic_run():
     cfg = compose_cfg([])
     assert (cfg.task.name, cfg.model.name, cfg.dataset.name, cfg.method.name) == \
         ("train", "tiny_clip", "shapes_shape", "residual_full")
-    assert cfg.pca.evr is None and cfg.method.others == "add"
+    assert cfg.method.evr is None and cfg.method.others == "add"
+    assert cfg.pca.reference is None and cfg.pca.split == "reference"     # the target's own reference split
 
 
-def test_method_presets_set_their_pca_pruning_but_the_command_line_wins():
-    assert compose_cfg(["method=residual_fine"]).pca.evr == 0.9
-    assert compose_cfg(["method=residual_fine", "pca.evr=0.95"]).pca.evr == 0.95
+def test_method_presets_own_their_pruning_and_the_command_line_wins():
+    assert compose_cfg(["method=residual_fine"]).method.evr == 0.9
+    assert compose_cfg(["method=residual_fine", "method.evr=0.95"]).method.evr == 0.95
+    assert "evr" not in compose_cfg(["method=residual_fine"]).pca          # pca says where, not how many
+
+
+def test_pca_imagenet_is_a_dataset_node_under_the_target_root():
+    cfg = compose_cfg(["model=openclip_b", "dataset=cifar100", "dataset.root=/data", "pca=imagenet"])
+    assert cfg.pca.reference.name == "imagenet" and cfg.pca.split == "train"
+    assert cfg.pca.reference.root == "/data"           # the README example reads /data/imagenet
+    other = compose_cfg(["pca=imagenet", "dataset@pca.reference=sun397"])
+    assert other.pca.reference.name == "sun397"
 
 
 def test_misspelt_key_fails_naming_it():

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from residual_exp.methods import METHODS
-from residual_exp.run import RESULT_KEYS, run
+from residual_exp.results import RESULT_KEYS
+from residual_exp.run import run
 from tests.conftest import compose_cfg
 from tests.integration.sweep_helpers import TINY, cli
 

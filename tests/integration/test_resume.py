@@ -11,7 +11,7 @@ import pytest
 from omegaconf import open_dict
 
 from residual_exp.run import run
-from residual_exp.sweep import EXCLUDED_KEYS, resume_key, results_dir
+from residual_exp.store import EXCLUDED_KEYS, resume_key, results_dir
 from tests.conftest import compose_cfg
 from tests.integration.sweep_helpers import TINY, cli, comparable, popen, results_in
 
@@ -38,7 +38,7 @@ def test_resume_key_ignores_run_location_but_not_the_experiment(tmp_path):
         moved.paths.cache_dir = moved.cache.dir = str(tmp_path / "other_cache")
     assert resume_key(moved) == key
     different = [["seed=1"], ["trainer.max_epochs=4"], ["dataset.params.n_train=121"], ["method=residual_fine"],
-                 ["pca.evr=0.5"], ["trainer.lr=0.1"], ["cache.dtype=float16"], ["dataset=shapes_color"],
+                 ["method.evr=0.5"], ["method.lr=0.1"], ["cache.dtype=float16"], ["dataset=shapes_color"],
                  ["model.pretrained=embedded"]]
     keys = {resume_key(_cfg(tmp_path, *o)) for o in different}
     assert key not in keys and len(keys) == len(different)

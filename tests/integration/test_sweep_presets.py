@@ -48,11 +48,11 @@ def test_the_paper_grid_expands_to_70_pairs_times_7_methods():
 
 def _check_paper_cell(cfg, model, dataset, method):
     assert (cfg.model.name, cfg.dataset.name, cfg.method.name) == (model, dataset, method)
-    assert cfg.pca.reference == "imagenet" and cfg.pca.split == "train"      # bases on ImageNet train
+    assert cfg.pca.reference.name == "imagenet" and cfg.pca.split == "train"      # bases on ImageNet train
     assert cfg.logger._target_.endswith("WandbLogger")
     assert cfg.resume is True
     if method == "residual_fine":
-        assert cfg.pca.evr == 0.9            # the method preset still applies on top of pca=imagenet
+        assert cfg.method.evr == 0.9            # the method preset still applies on top of pca=imagenet
 
 
 def test_every_pair_of_the_paper_grid_composes():
@@ -104,10 +104,10 @@ def test_command_line_overrides_win_over_sweep_params():
 
 def test_single_run_presets():
     cfg = compose_cfg(["+experiment=paper/openclip_l_cifar10"])
-    assert (cfg.model.name, cfg.dataset.name, cfg.pca.reference) == ("openclip_l", "cifar10", "imagenet")
+    assert (cfg.model.name, cfg.dataset.name, cfg.pca.reference.name) == ("openclip_l", "cifar10", "imagenet")
     assert cfg.logger._target_.endswith("WandbLogger") and cfg.method.name == "residual_full"
     cfg = compose_cfg(["+experiment=paper/dinov2_l_svhn", "method=residual_fine", "logger=none"])
-    assert (cfg.model.name, cfg.dataset.name, cfg.pca.evr, cfg.logger._target_) == ("dinov2_l", "svhn", 0.9, None)
+    assert (cfg.model.name, cfg.dataset.name, cfg.method.evr, cfg.logger._target_) == ("dinov2_l", "svhn", 0.9, None)
 
 
 def test_synthetic_grid_is_offline_and_cpu_sized():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from residual_exp.analysis import coarse_selection as cs
-from residual_exp.classifiers import ClassifierHead
+from residual_exp.classifiers import ClassifierHead, top1_accuracy
 from residual_exp.decompose.units import UnitLayout
 from residual_exp.spectral import StreamingPCA
 
@@ -63,13 +63,13 @@ def test_keeping_all_heads_with_zero_ablation_is_heads_only(data) -> None:
     head_idx = layout.indices("heads")
     others = [i for i in range(len(layout)) if i not in head_idx]
     heads_only = torch.from_numpy(units[:, head_idx].sum(1))
-    acc_heads = cs.accuracy(head, heads_only, labels)
+    acc_heads = top1_accuracy(head, heads_only, labels)
     order = np.arange(len(head_idx))
     for abl in ("zero", "mean"):
         acc = cs.selection_curve(units, labels, head, head_idx, order, [len(head_idx)], abl, means)
         assert acc[0] == acc_heads                     # nothing ablated: the ablation kind does not matter
     full = cs.selection_curve(units, labels, head, head_idx, order, [len(head_idx)], "zero", means, others, "add")
-    assert full[0] == cs.accuracy(head, torch.from_numpy(units.sum(1)), labels)
+    assert full[0] == top1_accuracy(head, torch.from_numpy(units.sum(1)), labels)
 
 
 def test_ablation_bookkeeping_matches_the_explicit_formula(data) -> None:
@@ -94,7 +94,7 @@ def test_ablation_bookkeeping_matches_the_explicit_formula(data) -> None:
                 if oth == "add":
                     ref += units[:, others].sum(1)
                 assert np.allclose(f.numpy(), ref, atol=1e-4)
-                assert acc == cs.accuracy(head, f, labels)
+                assert acc == top1_accuracy(head, f, labels)
     with pytest.raises(ValueError):
         cs.selection_curve(units, labels, head, head_idx, order, [1], "mean", None)
 

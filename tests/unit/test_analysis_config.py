@@ -38,7 +38,19 @@ def test_bad_keys_fail_naming_them(override: str, key: str) -> None:
 def test_models_accept_names_and_override_dicts() -> None:
     cfg = compose_cfg(["task=analysis", "analysis=intrinsic_dimension",
                        "analysis.models=[tiny_clip,{name:tiny_clip,pretrained:null,label:random}]"])
-    from residual_exp.tasks.analysis import model_nodes
-    nodes = model_nodes(cfg, cfg.analysis.models)
+    from residual_exp.compose import entry_nodes
+    nodes = entry_nodes(cfg.analysis.models, "model", cfg)
     assert [l for l, _ in nodes] == ["tiny_clip", "random"]
     assert nodes[0][1].pretrained == "embedded" and nodes[1][1].pretrained is None
+
+
+def test_other_models_and_datasets_are_composed_by_hydra_with_the_job_paths() -> None:
+    from residual_exp.compose import entry_nodes, group_node
+    cfg = compose_cfg(["task=analysis", "analysis=spectral_similarity", "paths.data_dir=/somewhere",
+                       "analysis.models=[clip_b,{name:vit_l,image_size:112}]"])
+    (_, clip), (label, vit) = entry_nodes(cfg.analysis.models, "model", cfg)
+    assert (clip.family, clip.arch, clip.params.quick_gelu) == ("open_clip", "ViT-B-16", True)
+    assert (label, vit.family, vit.image_size) == ("vit_l(image_size=112)", "timm", 112)
+    assert group_node("dataset", "cifar10", cfg).root == "/somewhere"          # ${paths.data_dir} of this job
+    with pytest.raises(KeyError, match="model='nope'.*clip_b"):
+        group_node("model", "nope", cfg)

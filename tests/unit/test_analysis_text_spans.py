@@ -112,11 +112,11 @@ def _fake_run(cfg, run_dir, layout, dim: int) -> None:
     g = torch.Generator().manual_seed(0)
     lam = 1 + torch.randn(len(units), dim, generator=g)
     lam[units.index("L2H1"), 0] = 9.0                                      # a clearly amplified component
-    (run_dir / ".hydra").mkdir(parents=True)
-    save_file({"lambda": lam, "mask": torch.ones(len(units), dim, dtype=torch.bool),
-               "eigen_components": torch.zeros(0)}, str(run_dir / "lambda.safetensors"),
-              metadata={"method": "residual_full", "units": json.dumps(units)})
-    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    from residual_exp.results import write_run_config
+    run_dir.mkdir(parents=True)
+    save_file({"lambda": lam, "mask": torch.ones(len(units), dim, dtype=torch.bool)},
+              str(run_dir / "lambda.safetensors"), metadata={"method": "residual_full", "units": json.dumps(units)})
+    write_run_config(OmegaConf.to_container(cfg, resolve=True), run_dir)
 
 
 def test_text_spans_end_to_end_with_a_run(make_cfg, tmp_path) -> None:

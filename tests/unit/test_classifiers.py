@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from residual_exp.backbones.base import build_backbone
+from residual_exp.backbones import build_backbone
 from residual_exp.classifiers import ClassifierHead, prototype_weights, zero_shot_weights
 
-CFG = OmegaConf.create(dict(name="tiny_clip", arch="tiny-clip", pretrained="embedded", weights=None,
+CFG = OmegaConf.create(dict(name="tiny_clip", family="tiny_clip", arch="tiny-clip", pretrained="embedded", weights=None,
                             image_size=None, logit_scale=100.0, cache_dir=None, params={}))
 
 

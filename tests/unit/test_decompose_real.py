@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from residual_exp.backbones.base import build_backbone
+from residual_exp.backbones import build_backbone
 from residual_exp.config import ModelConfig
 from residual_exp.decompose.hooks import count_hooks
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[2] / "residual_exp" / "conf" / "model"
 REL_TOL = 1e-5
 
 # name → (layers, heads, output dim)

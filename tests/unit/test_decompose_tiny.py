@@ -6,23 +6,29 @@ clear message, and weights saved to a file must load back through ``model.weight
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from residual_exp.backbones.base import UnsupportedArchitecture, build_backbone, list_backbones
+from residual_exp.backbones import UnsupportedArchitecture, build_backbone, list_families
 from residual_exp.backbones.weights import WeightsUnavailable
 from residual_exp.config import ModelConfig
 from residual_exp.decompose.hooks import count_hooks
 
 ATOL = 1e-10
 SIZE = 32
+MODEL_CONF = Path(__file__).resolve().parents[2] / "residual_exp" / "conf" / "model"
 
 
 def model_cfg(**kw):
-    """A validated ``model`` node, as Hydra would compose it."""
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig), kw)
+    """A validated ``model`` node, as Hydra would compose it: the preset ``conf/model/NAME.yaml``
+    (the one source of truth for a model) with ``kw`` on top."""
+    preset = MODEL_CONF / f"{kw['name']}.yaml"
+    base = OmegaConf.load(preset) if preset.exists() else {}
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), base, kw)
 
 
 def images(n: int = 2, size: int = SIZE, seed: int = 0) -> torch.Tensor:
@@ -210,9 +216,10 @@ def test_timm_unknown_tag_lists_valid_ones():
         build_backbone(model_cfg(name="vit_l", pretrained="no_such_tag"))
 
 
-def test_registry_has_every_backbone():
-    assert {"clip_b", "clip_l", "openclip_b", "openclip_l", "vit_l", "dinov2_l", "blip_l_flickr",
-            "open_clip", "timm"} <= set(list_backbones())
+def test_registry_has_every_family_and_every_preset_names_one():
+    assert set(list_families()) == {"open_clip", "tiny_clip", "timm", "blip"}
+    for preset in MODEL_CONF.glob("*.yaml"):
+        assert OmegaConf.load(preset).family in list_families(), preset.name
 
 
 # --- weights ----------------------------------------------------------------------------
@@ -272,7 +279,7 @@ BLIP_CFG = dict(name="blip_l_flickr", pretrained=None,
 
 def test_blip_weights_file_roundtrip(tmp_path):
     ref = build_backbone(model_cfg(**BLIP_CFG)).double()
-    assert ref.image_size == SIZE and ref.logit_scale == 100.0
+    assert ref.image_size == SIZE and ref.logit_scale == pytest.approx(1 / 0.07)     # the preset's BLIP temperature
     path = tmp_path / "blip.pt"
     torch.save(ref.model.state_dict(), path)
     loaded = build_backbone(model_cfg(**BLIP_CFG, weights=str(path))).double()
@@ -334,8 +341,7 @@ MODEL_YAMLS = ["clip_b", "clip_l", "openclip_b", "openclip_l", "vit_l", "dinov2_
 
 @pytest.mark.parametrize("name", MODEL_YAMLS)
 def test_model_yaml_validates(name):
-    from pathlib import Path
-    conf = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
+    conf = MODEL_CONF / f"{name}.yaml"
     text = conf.read_text()
     assert text.startswith("# "), "one-line comment on top"
     node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(conf))  # unknown keys fail here

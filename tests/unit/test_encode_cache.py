@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from residual_exp.backbones.base import build_backbone
+from residual_exp.backbones import build_backbone
 from residual_exp.cache import Cache
 from residual_exp.classifiers import ClassifierHead
 from residual_exp.data.registry import build_split
@@ -13,7 +13,7 @@ from residual_exp.methods import build_adapter
 from residual_exp.train.data import ImageItems, StreamedEncoded, batches, prepare_encoded
 from residual_exp.train.module import AdapterModule
 
-MODEL = OmegaConf.create(dict(name="tiny_clip", arch="tiny-clip", pretrained=None, weights=None, image_size=None,
+MODEL = OmegaConf.create(dict(name="tiny_clip", family="tiny_clip", arch="tiny-clip", pretrained=None, weights=None, image_size=None,
                               logit_scale=100.0, cache_dir=None, params={}))
 DATA = OmegaConf.create(dict(name="shapes_color", root="data", download=False, batch_size=16, num_workers=0,
                              params=dict(n_train=48, n_val=8, n_test=8, n_reference=64)))
@@ -39,10 +39,10 @@ def setup(tmp_path_factory):
                                                  ("linear_adapter", "output", "drop")])
 def test_cached_and_backbone_in_the_loop_give_the_same_logits(setup, method, units, others):
     bb, cache, split, enc, ub, ob, _ = setup
-    mcfg = OmegaConf.create(dict(name=method, units=units, others=others, dropped_value=0.0, init="normal",
-                                 lr=0.8, weight_decay=0.0, grad_clip=None, cache=True))
-    pca = OmegaConf.create(dict(evr=0.9 if method == "residual_fine" else None, k=None))
-    adapter = build_adapter(mcfg, pca, bb.layout, bb.output_dim, ub, ob, seed=0).double()
+    mcfg = OmegaConf.create(dict(name=method, units=units, others=others, evr=0.9 if method == "residual_fine" else None,
+                                 k=None, dropped_value=0.0, init="normal", lr=0.8, batch_size=64, weight_decay=0.0,
+                                 grad_clip=None, cache=True))
+    adapter = build_adapter(mcfg, bb.layout, bb.output_dim, ub, ob, seed=0).double()
     head = ClassifierHead(torch.randn(8, bb.output_dim, dtype=torch.float64), 50.0)
     cached = AdapterModule(adapter, head, 0.1)
     live = AdapterModule(adapter, head, 0.1, prepare_on_the_fly=True, backbone=bb)

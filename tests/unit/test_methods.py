@@ -17,8 +17,8 @@ U = len(LAYOUT)
 
 
 def _method(name, **kw):
-    base = dict(name=name, units="heads", others="drop", dropped_value=0.0, init="normal", lr=0.8,
-                weight_decay=0.0, grad_clip=None, cache=True)
+    base = dict(name=name, units="heads", others="drop", evr=None, k=None, dropped_value=0.0, init="normal",
+                lr=0.8, batch_size=64, weight_decay=0.0, grad_clip=None, cache=True)
     return OmegaConf.create({**base, **kw})
 
 
@@ -41,18 +41,16 @@ def data():
 def test_parameter_counts_match_the_formulas(data):
     units, feature = data
     ub, ob = _bases(units, feature)
-    pca = OmegaConf.create(dict(evr=None, k=None))
     heads, mlps = L * H, L
-    count = lambda name, pca=pca, **kw: build_adapter(_method(name, **kw), pca, LAYOUT, D, ub, ob).trainable_params()
+    count = lambda name, **kw: build_adapter(_method(name, **kw), LAYOUT, D, ub, ob).trainable_params()
     assert count("base") == 0
     assert count("linear_adapter") == D * D + D
     assert count("spectral_adapter") == D
     assert count("residual_coarse") == heads
     assert count("residual_full", units="heads+mlps", others="add") == (heads + mlps) * D
-    fine = OmegaConf.create(dict(evr=0.9, k=None))
     kept = ub.select(LAYOUT.indices("heads")).prune(evr=0.9).kept()
-    assert count("residual_fine", pca=fine) == int(kept.sum()) < heads * D
-    assert count("residual_fine", pca=OmegaConf.create(dict(evr=None, k=3))) == heads * 3
+    assert count("residual_fine", evr=0.9) == int(kept.sum()) < heads * D
+    assert count("residual_fine", k=3) == heads * 3
 
 
 def test_lambda_one_all_components_reproduces_centred_units(data):

@@ -2,11 +2,11 @@
 import torch
 from omegaconf import OmegaConf
 
-from residual_exp.backbones.base import build_backbone
+from residual_exp.backbones import build_backbone
 from residual_exp.backbones.tiny_clip import CHECKPOINT, create_tiny_clip, default_vocab
 from residual_exp.decompose.hooks import count_hooks
 
-CFG = dict(name="tiny_clip", arch="tiny-clip", weights=None, image_size=None, logit_scale=100.0,
+CFG = dict(name="tiny_clip", family="tiny_clip", arch="tiny-clip", weights=None, image_size=None, logit_scale=100.0,
            cache_dir=None, params={})
 
 

@@ -1,0 +1,103 @@
+"""``task=train`` (the default): zero-shot and ``method`` on ``dataset``, in named stages::
+
+    backbone ─► encode train / val / test once (cache)              ─► zero-shot accuracy
+             ─► classifier (zero-shot text head, or train-split prototypes)
+             ─► PCA bases per unit on pca.reference (cache)          (spectral methods)
+             ─► adapter (method) ─► Schedule-Free AdamW, early stopping on val
+             ─► test on the best-val checkpoint ─► results.json + λ + table
+
+The task registry wraps it in the results store (:func:`residual_exp.store.resumable`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..classifiers import top1_accuracy
+from ..data.registry import build_split
+from ..methods import build_adapter, needs_bases
+from ..pipeline import Session
+from ..results import LAMBDA_FILE, results_table, save_lambda, write_results
+from ..runtime import run_dir_of
+from ..train.data import ImageItems, StreamedEncoded, batches, prepare_encoded
+from ..train.fit import fit_and_test, training_threads
+from ..train.loggers import build_logger, finish_logger
+from ..train.module import AdapterModule
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+def train(cfg: DictConfig) -> int:
+    """Zero-shot and ``cfg.method`` on ``cfg.dataset``: the stages below, in order."""
+    t_start = time.time()
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    s = Session.open(cfg)
+    splits = {name: build_split(cfg.dataset, name, s.backbone.transform) for name in SPLITS}
+    log.info("%s: %s", cfg.dataset.name, {name: len(d) for name, d in splits.items()})
+    enc = {name: s.encode_dataset(splits[name], cfg.dataset) for name in SPLITS}
+    head = s.classifier(cfg.dataset, splits["train"].classnames, splits["train"].templates,
+                        train_encoding=lambda: enc["train"])
+
+    zs = {name: top1_accuracy(head, enc[name].features, enc[name].labels) for name in ("val", "test")}
+    common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
+                  zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"])
+    records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
+                    wall_seconds=round(time.time() - t_start, 2))]
+    if cfg.method.name != "base":
+        records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir)))
+
+    path = write_results(records, run_dir)
+    print(results_table(records))
+    print(f"results: {path}")
+    return 0
+
+
+def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) -> dict:
+    """Build the adapter, train it (cached tensors or backbone in the loop), test the best-val
+    checkpoint, save λ.  Returns the method's result fields."""
+    t0, method = time.time(), cfg.method.name
+    unit_basis = output_basis = None
+    if needs_bases(cfg.method):
+        unit_basis, output_basis = s.reference_bases()
+    adapter = build_adapter(cfg.method, s.backbone.layout, s.backbone.output_dim, unit_basis, output_basis,
+                            backbone=s.backbone, seed=cfg.seed).float()
+    data, in_loop = training_data(cfg, adapter, splits, enc)
+    loaders = {name: batches(d, cfg.method.batch_size, name == "train", cfg.trainer.num_workers, cfg.seed)
+               for name, d in data.items()}
+    module = AdapterModule(adapter, head, cfg.method.lr, cfg.method.weight_decay, prepare_on_the_fly=in_loop,
+                           backbone=s.backbone)
+    logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
+    code = 1
+    try:
+        with training_threads(adapter, cfg.trainer, cfg.method.batch_size, s.device, in_loop):
+            res = fit_and_test(module, loaders, cfg.trainer, run_dir, logger, s.device,
+                               grad_clip=cfg.method.grad_clip, seed=cfg.seed)
+        save_lambda(adapter, s.backbone.layout, run_dir / LAMBDA_FILE, method)
+        rec = dict(method=method, trainable_params=adapter.trainable_params(), val_accuracy=res.val_accuracy,
+                   test_accuracy=res.test_accuracy, best_epoch=res.best_epoch, epochs=res.epochs_run,
+                   lr=res.lr, wall_seconds=round(time.time() - t0, 2))
+        if logger is not None:
+            logger.log_metrics({"final/" + k: v for k, v in rec.items() if isinstance(v, (int, float))})
+        code = 0
+        return rec
+    finally:
+        finish_logger(logger, code)
+
+
+def training_data(cfg, adapter, splits: dict, enc: dict) -> tuple[dict, bool]:
+    """``({split: dataset}, prepare_on_the_fly)``: images (finetune, ``method.cache=false``),
+    the cache prepared once in memory, or — for encodings over the memory budget — raw rows
+    streamed from disk and prepared per batch."""
+    if cfg.method.name == "finetune" or not cfg.method.cache:
+        return {name: ImageItems(splits[name]) for name in splits}, True
+    stream = any(isinstance(e.units, np.memmap) for e in enc.values())
+    if stream:
+        return {name: StreamedEncoded(e, adapter.needs, torch.float32) for name, e in enc.items()}, True
+    return {name: prepare_encoded(adapter, e, torch.float32) for name, e in enc.items()}, False

@@ -1,18 +1,20 @@
 # residual_exp — `make demo` runs the embedded default, `make test` runs the tests.
-# Both create the virtualenv first if it is missing (`make install` is idempotent).
+# Both create the virtualenv first if it is missing (`make install` is idempotent) and install
+# the tested dependency set pinned in constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all lock bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
 demo: install
@@ -23,6 +25,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+# re-pin constraints.txt to what is installed now (after an upgrade that passed `make test-all`)
+lock: install
+	$(PY) -m pip freeze --exclude-editable | grep -v '^residual.exp' > constraints.txt
 
 clean:
 	rm -rf outputs multirun .pytest_cache

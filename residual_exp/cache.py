@@ -78,6 +78,7 @@ class Cache:
         """
         target = self.path(kind, spec, suffix)
         if not self.enabled:
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{unique_token()}.nocache")
             try:
                 build(tmp)

@@ -25,6 +25,7 @@ def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
         cfg = compose("config", overrides=overrides)
     if tmp_path is not None:
         with open_dict(cfg):
+            cfg.paths.root_dir = str(tmp_path)          # the results store lives under it
             cfg.paths.output_dir = str(tmp_path / "run")
             cfg.paths.cache_dir = str(tmp_path / "cache")
             cfg.cache.dir = str(tmp_path / "cache")

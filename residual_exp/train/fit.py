@@ -7,6 +7,7 @@ early stopping on val accuracy (patience 5), test on the best-val checkpoint.  W
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,34 +50,55 @@ def fit_and_test(module: AdapterModule, loaders: dict, trainer_cfg, out_dir: Pat
                                  save_top_k=1, save_weights_only=True, enable_version_counter=False)
     stopper = EarlyStopping(monitor="val/acc", mode="max", patience=trainer_cfg.patience)
     monitors = [LambdaMonitor()] if logger is not None else []   # λ histograms, trainable params
+    common = dict(accelerator=_accelerator(trainer_cfg, device), devices=trainer_cfg.devices,
+                  precision=trainer_cfg.precision, enable_model_summary=False, num_sanity_val_steps=0,
+                  gradient_clip_val=grad_clip, default_root_dir=str(out_dir), deterministic=False,
+                  plugins=_no_requeue_plugins())
     trainer = pl.Trainer(
-        max_epochs=trainer_cfg.max_epochs, accelerator=_accelerator(trainer_cfg, device),
-        devices=trainer_cfg.devices, precision=trainer_cfg.precision, logger=logger if logger is not None else False,
+        max_epochs=trainer_cfg.max_epochs, logger=logger if logger is not None else False,
         callbacks=[checkpoint, stopper, *monitors], enable_progress_bar=trainer_cfg.progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=grad_clip,
-        log_every_n_steps=10, default_root_dir=str(out_dir), deterministic=False,
-        plugins=_no_requeue_plugins())
+        log_every_n_steps=10, **common)
     if trainer_cfg.lr_find:
-        from lightning.pytorch.tuner import Tuner
-        finder = Tuner(trainer).lr_find(module, train_dataloaders=loaders["train"],
-                                        val_dataloaders=loaders["val"], update_attr=True)
-        log.info("LR finder suggests lr=%.3g", module.lr)
-        if finder is not None:
-            save_figure(finder.plot(suggest=True), Path(out_dir) / "lr_find.png")
+        find_lr(module, loaders, trainer_cfg, common, Path(out_dir))
     trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
     best_val = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else float("nan")
     test = trainer.test(module, dataloaders=loaders["test"], ckpt_path=checkpoint.best_model_path or None,
-                        verbose=False)
+                        verbose=False, weights_only=True)
     best_epoch = _best_epoch(checkpoint)
     return FitResult(best_val, float(test[0]["test/acc"]), best_epoch, trainer.current_epoch,
                      float(module.lr), time.time() - t0, checkpoint.best_model_path)
+
+
+LR_FIND_STEPS = 100
+
+
+def find_lr(module: AdapterModule, loaders: dict, trainer_cfg, common: dict, out_dir: Path) -> None:
+    """Lightning's LR finder (schedule-free aware, see :mod:`.module`) on a trainer of its own,
+    so that it gets its :data:`LR_FIND_STEPS` steps however few batches an epoch has; sets
+    ``module.lr`` to the suggestion (kept unchanged, with a warning, when there is none) and
+    saves ``lr_find.png``.  The finder restores the module's initial weights afterwards."""
+    from lightning.pytorch.tuner import Tuner
+    epochs = math.ceil(LR_FIND_STEPS / max(1, len(loaders["train"]))) + 1
+    tuner = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       **common)
+    before = module.lr
+    finder = Tuner(tuner).lr_find(module, train_dataloaders=loaders["train"], num_training=LR_FIND_STEPS,
+                                  update_attr=True)
+    suggestion = finder.suggestion() if finder is not None else None
+    if suggestion is None:
+        module.lr = before
+        log.warning("LR finder: no suggestion (loss curve without a usable slope); keeping lr=%.3g", before)
+    else:
+        log.info("LR finder suggests lr=%.3g (was %.3g)", module.lr, before)
+    if finder is not None:
+        save_figure(finder.plot(suggest=suggestion is not None), out_dir / "lr_find.png")
 
 
 def _best_epoch(checkpoint: ModelCheckpoint) -> int:
     path = checkpoint.best_model_path
     if not path:
         return -1
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("epoch", -1))
+    return int(torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1))
 
 
 def _no_requeue_plugins() -> list:

@@ -20,6 +20,7 @@ class ModelConfig:
     pretrained: Optional[str] = None   # hub tag; null → random weights (tests, checks)
     weights: Optional[str] = None      # local checkpoint file (overrides `pretrained`)
     image_size: Optional[int] = None   # input resolution (None: the architecture's own)
+    precision: str = "auto"            # backbone forward when encoding: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     logit_scale: float = 100.0         # classifier temperature for models without a text tower
     cache_dir: Optional[str] = None    # hub cache directory
     params: Dict[str, Any] = field(default_factory=dict)
@@ -55,7 +56,7 @@ class MethodConfig:
     evr: Optional[float] = None        # keep each unit's leading PCs up to this explained-variance ratio
     k: Optional[int] = None            # or its first k PCs (null + null: keep all)
     dropped_value: float = 0.0         # λ of pruned components (0 removes them, 1 keeps them as is)
-    init: str = "normal"               # λ init: normal (N(1,1)) | ones | eigenvalues
+    init: str = "normal"               # λ init: normal (N(1,1)) | ones | eigenvalues; linear_adapter: default (nn.Linear's) | identity
     lr: float = 0.8                    # Schedule-Free AdamW learning rate (trainer.lr_find replaces it)
     batch_size: int = 64               # training batch size
     weight_decay: float = 0.0
@@ -79,9 +80,22 @@ class TrainerConfig:
 @dataclass
 class CacheConfig:
     dir: str = "${paths.cache_dir}"
-    dtype: str = "float32"             # storage dtype of encoded units (float16 | float32 | float64)
+    layout: str = "lowrank"            # lowrank (heads as head_dim activations + LayerNorm stats) | dense ([N, U, D] units)
+    dtype: str = "auto"                # storage dtype: auto (float16 for real backbones, float32 for tiny_clip) | float16 | float32 | float64
     memory_budget_gb: float = 4.0      # larger encodings are streamed from disk (memmap)
     enabled: bool = True
+    verify: str = "once"               # checksum check when an entry is loaded: once (per process) | always | size
+
+
+@dataclass
+class ConventionsConfig:
+    """How units, classifiers and similarities are defined (FIDELITY.md). The defaults are the
+    official ResiDual code's; the alternatives are this project's own conventions."""
+    units: str = "official"            # official (each unit an equal share of the final LN's centring and bias) | centred
+    prototype: str = "mean"            # no-text-tower classifier: mean (raw class means · normalize(x)) | cosine (scale · cos)
+    evr_rule: str = "strict"           # method.evr keeps the smallest k with cumulative EVR > evr (strict) | >= (inclusive)
+    similarity_weights: str = "eigenvalues"    # weighted spectral cosine: eigenvalues | sqrt_eigenvalues
+    similarity_unweighted: str = "diagonal"    # unweighted spectral cosine: diagonal (component i vs i) | matched (greedy)
 
 
 @dataclass
@@ -128,6 +142,15 @@ class AnalysisTask(TaskConfig):
 
 
 @dataclass
+class CacheTask(TaskConfig):
+    """Inspect and maintain the content-keyed caches (encodings, bases, classifiers)."""
+    name: str = "cache"
+    action: str = "list"               # list | verify | prune
+    kinds: List[str] = field(default_factory=lambda: ["encodings", "bases", "classifiers"])
+    dry_run: bool = False              # prune: say what would be removed, remove nothing
+
+
+@dataclass
 class PretrainTask(TaskConfig):
     """Contrastive pretraining of the embedded tiny CLIP on synthetic captions."""
     name: str = "pretrain_tiny_clip"
@@ -151,6 +174,8 @@ class Config:
     analysis: Any = None               # `analysis=NAME` (task=analysis)
     sweep_dir: Optional[str] = None    # task=report: the sweep (or any folder of runs) to collect
     cache: CacheConfig = field(default_factory=CacheConfig)
+    conventions: ConventionsConfig = field(default_factory=ConventionsConfig)
+    compat: str = "none"               # none | official: also reproduce the official code's bugs (a)-(d) (FIDELITY.md)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
@@ -158,14 +183,24 @@ class Config:
     resume: bool = True                # task=train: skip jobs already finished for the same config (sweep.py)
 
 
+def _unique_id() -> str:
+    import uuid
+    return uuid.uuid4().hex[:6]
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    # ${uid:}: a short random token, resolved once per config (run / sweep folders are never shared)
+    OmegaConf.register_new_resolver("uid", _unique_id, use_cache=True, replace=True)
 
     from .analysis.config import register_analysis_configs
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for name, node in [("train_schema", TaskConfig), ("check_decomposition_schema", CheckDecompositionTask),
                        ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask),
-                       ("report_schema", ReportTask), ("analysis_schema", AnalysisTask)]:
+                       ("report_schema", ReportTask), ("analysis_schema", AnalysisTask),
+                       ("cache_schema", CacheTask)]:
         cs.store(group="task", name=name, node=node)
     register_analysis_configs()        # the `analysis` group's schemas

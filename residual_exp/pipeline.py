@@ -30,6 +30,7 @@ def reference_dataset(pca_cfg, dataset_cfg):
 @dataclass
 class Session:
     cfg: Any                     # the job's config
+    model_cfg: Any               # the backbone's model node (cfg.model, or another model of an analysis)
     backbone: Any                # frozen Backbone
     model_id: dict               # weights identity (part of every cache key)
     cache: Cache
@@ -45,7 +46,7 @@ class Session:
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         backbone = frozen_backbone(model_cfg, device)
-        return cls(cfg, backbone, model_identity(model_cfg, cfg.seed), Cache(cfg.cache.dir, enabled=cfg.cache.enabled),
+        return cls(cfg, model_cfg, backbone, model_identity(model_cfg, cfg.seed), Cache(cfg.cache.dir, enabled=cfg.cache.enabled),
                    device, cfg.trainer.progress_bar if progress is None else bool(progress), batch_size)
 
     def split(self, ds_cfg, split: str, max_samples: int | None = None):
@@ -62,9 +63,17 @@ class Session:
         """Like :meth:`encode`, for an already built split (no subsampling)."""
         return self._encode(ds, dataset_identity(ds_cfg, ds.split, len(ds), self.backbone.transform), ds_cfg)
 
+    @property
+    def storage_dtype(self) -> str:
+        """``cache.dtype``; ``auto`` is float32 for the tiny CLIP and float16 for real backbones."""
+        dtype = self.cfg.cache.dtype
+        if dtype == "auto":
+            return "float32" if self.model_cfg.family == "tiny_clip" else "float16"
+        return dtype
+
     def _encode(self, ds, ident: dict, ds_cfg) -> Encoded:
         return encode_split(self.backbone, ds, self.cache, {"model": self.model_id, "dataset": ident}, self.device,
-                            self.batch_size or ds_cfg.batch_size, ds_cfg.num_workers, self.cfg.cache.dtype,
+                            self.batch_size or ds_cfg.batch_size, ds_cfg.num_workers, self.storage_dtype,
                             self.cfg.cache.memory_budget_gb, self.progress)
 
     def bases(self, ref_cfg, split: str, max_samples: int | None = None):

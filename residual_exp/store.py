@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 RESULTS_FORMAT = 1
 EXCLUDED_KEYS = (
     "paths.root_dir", "paths.output_dir", "paths.cache_dir",
-    "cache.dir", "cache.enabled", "cache.memory_budget_gb",
+    "cache.dir", "cache.enabled", "cache.memory_budget_gb", "cache.verify",
     "logger",
     "trainer.progress_bar", "trainer.num_workers", "trainer.cpu_threads", "dataset.num_workers",
     "device", "trainer.accelerator",

@@ -37,7 +37,7 @@ PAPER_DEFAULTS = """defaults:
   - override /pca: imagenet      # bases on ImageNet train, as in the paper
   - override /logger: wandb
 """
-SWEEP_DIR = "${paths.root_dir}/outputs/sweeps/%s/${now:%%Y-%%m-%%d_%%H-%%M-%%S}"
+SWEEP_DIR = "${paths.root_dir}/outputs/sweeps/%s/${now:%%Y-%%m-%%d_%%H-%%M-%%S}-${uid:}"
 
 
 def single(model: str, dataset: str) -> str:

@@ -33,6 +33,12 @@ only the label differs): ``shapes_shape``, ``shapes_color``, ``shapes_size``,
 Rendering is vectorised numpy: each (shape, size, scale, rotation) is rasterised once at
 4× supersampling into a template bank holding every quarter-pixel offset, box-downsampled;
 images are then pasted from that bank, so 30k images take a few seconds on one core.
+
+Fingerprint. A split's data fingerprint (cache keys) is its generator parameters plus
+:data:`GENERATOR_VERSION`: bump that constant whenever a change here alters any pixel or
+label of ``generate`` (``tests/unit/test_data_integrity.py::test_shapes_generator_is_frozen``
+pins a checksum).
+:func:`generate_labels` draws the labels alone, without rendering.
 """
 from __future__ import annotations
 
@@ -45,12 +51,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .integrity import Synthetic
 from .registry import ClassificationSplit, register_dataset
 
 __all__ = [
     "ATTRIBUTES", "TEMPLATES", "SPLIT_IDS", "CHUNK", "COLOR_RGB",
-    "generate", "make_captions", "ShapesCaptions", "load_split",
+    "generate", "generate_labels", "make_captions", "ShapesCaptions", "load_split",
+    "GENERATOR_VERSION",
 ]
+
+GENERATOR_VERSION = 1                # bump when generate() output (pixels or labels) changes
 
 # ---------------------------------------------------------------------------------------
 # attributes, class names, prompt templates
@@ -321,6 +331,21 @@ def generate(n: int, seed: int = 0, split: str = "train", image_size: int = 32, 
     return images, attrs
 
 
+def generate_labels(n: int, seed: int = 0, split: str = "train") -> dict[str, np.ndarray]:
+    """The ``attrs`` of :func:`generate` (same values) without rendering any image."""
+    if split not in SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; valid: {tuple(SPLIT_IDS)}")
+    if n < 0 or seed < 0:
+        raise ValueError(f"need n >= 0, seed >= 0 (got {n}, {seed})")
+    parts = []
+    for c in range(-(-n // CHUNK)):
+        rng = np.random.default_rng([int(seed), SPLIT_IDS[split], c])   # same draws as _chunk
+        parts.append({a: rng.integers(0, len(ATTRIBUTES[a]), CHUNK) for a in _ATTR_ORDER})
+    if not parts:
+        return {a: np.zeros(0, dtype=np.int64) for a in _ATTR_ORDER}
+    return {a: np.concatenate([p[a] for p in parts])[:n] for a in _ATTR_ORDER}
+
+
 @functools.lru_cache(maxsize=16)
 def load_split(seed: int, split: str, n: int, image_size: int):
     """Memoised :func:`generate` (read-only arrays), shared by all ``shapes_*`` datasets."""
@@ -424,21 +449,35 @@ def _load_item(targets: np.ndarray, images: np.ndarray, i: int):
     return Image.fromarray(images[i]), int(targets[i])
 
 
+def _split_params(cfg, split: str) -> tuple[int, int, int]:
+    params = cfg.get("params", None) or {}
+    return (int(params.get(f"n_{split}", _DEFAULT_N[split])), int(params.get("seed", 0)),
+            int(params.get("image_size", 32)))
+
+
 def _make_builder(attribute: str):
     def build(cfg, split: str, transform: Callable | None = None) -> ClassificationSplit:
-        params = cfg.get("params", None) or {}
-        n = int(params.get(f"n_{split}", _DEFAULT_N[split]))
-        seed = int(params.get("seed", 0))
-        image_size = int(params.get("image_size", 32))
+        n, seed, image_size = _split_params(cfg, split)
         images, attrs = load_split(seed, split, n, image_size)
         targets = attrs[attribute]
+        prov = Synthetic("shapes", GENERATOR_VERSION,
+                         {"attribute": attribute, "split": split, "n": n, "seed": seed,
+                          "image_size": image_size, "chunk": CHUNK})
         return ClassificationSplit(
             base=images, indices=None, targets=targets,
             classnames=ATTRIBUTES[attribute], templates=TEMPLATES[attribute],
             name=cfg.name, split=split, transform=transform,
-            load=functools.partial(_load_item, targets))
+            load=functools.partial(_load_item, targets), provenance=prov)
     build.__name__ = f"build_shapes_{attribute}"
     return build
+
+
+def _make_labels(attribute: str):
+    def labels(cfg, split: str) -> np.ndarray:
+        n, seed, _ = _split_params(cfg, split)
+        return generate_labels(n, seed, split)[attribute]
+    labels.__name__ = f"labels_shapes_{attribute}"
+    return labels
 
 
 for _attr in _ATTR_ORDER:
@@ -447,6 +486,6 @@ for _attr in _ATTR_ORDER:
         description=f"synthetic shapes, label = {_attr} ({len(ATTRIBUTES[_attr])} classes: "
                     f"{', '.join(ATTRIBUTES[_attr])})",
         how_to_get="embedded: generated procedurally in memory, nothing to download",
-        attribute=_attr, synthetic=True,
+        labels=_make_labels(_attr), attribute=_attr, synthetic=True,
     )(_make_builder(_attr))
 del _attr

@@ -29,6 +29,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from ..atomic import atomic_write_text
+from .errors import DatasetError
 
 SEED = 42
 SPLIT_DIRNAME = ".residual_exp_splits"
@@ -36,7 +37,7 @@ FORMAT = "residual_exp.split/v1"
 LOCK_TIMEOUT_S = 600.0
 
 
-class SplitMismatchError(RuntimeError):
+class SplitMismatchError(DatasetError, RuntimeError):
     """A stored split does not fit the data (or the split parameters) it is used with."""
 
 

@@ -19,8 +19,15 @@ partition 1 ``train1`` list is the train source and ``test1`` the test split; th
 
 Items are ``(transform(RGB PIL image), label)``; grey-scale sources (MNIST) are converted
 to RGB so every backbone sees three channels.  Missing or unreadable data raises
-:class:`DatasetNotFound` (a ``FileNotFoundError``) naming the dataset, the root, the
-layout expected under it and how to obtain the data, before anything is written.
+:class:`DatasetNotFound` (a ``FileNotFoundError`` and a :class:`~.errors.DatasetError`)
+naming the dataset, the root, the layout expected under it and how to obtain the data,
+before anything is written.
+
+Datasets of individual image files (ImageNet, EuroSAT, RESISC45, SUN397, DTD, GTSRB,
+Stanford Cars, image_folder) are read through our own guarded loader
+(:func:`.integrity.decode_image`: an undecodable file raises
+:class:`~.errors.BadImageError` naming it); torchvision only lists their files and labels.
+Every split records where its items come from (``provenance``) for its data fingerprint.
 """
 from __future__ import annotations
 
@@ -33,9 +40,11 @@ from typing import Callable, Mapping, Sequence
 
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from . import metadata as md
+from .errors import ClassesMissingFromTrainError, DatasetError
+from .integrity import FileItems, SourceFiles, decode_image
 from .registry import ClassificationSplit, register_dataset
 from .splits import load_or_create, split_path
 
@@ -43,7 +52,7 @@ __all__ = ["DatasetNotFound", "Source", "Spec", "SPECS", "build", "build_image_f
            "check_available", "clear_cache"]
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(DatasetError, FileNotFoundError):
     """The data of a dataset is missing (or unreadable) under ``root``."""
 
     def __init__(self, name: str, root: Path, layout: str, how_to_get: str,
@@ -75,12 +84,21 @@ class Source:
     ``labels[i]`` is the label of ``base[i]`` in *our* class indexing (``classnames``);
     ``order`` lists base indices in canonical order when the base order is not
     deterministic (``None``: base order is canonical).  Stored split indices refer to
-    positions in the canonical order.
+    positions in the canonical order.  ``paths[j]`` is the image file of ``base[j]`` for
+    datasets of individual files; ``files`` the few source files every item is read from
+    otherwise (CIFAR pickles, MNIST idx, SVHN .mat).
     """
     base: Dataset
     labels: Sequence[int]
     classnames: Sequence[str]
     order: Sequence[int] | None = None
+    paths: Sequence[str] | None = None
+    files: Sequence[Path] = ()
+
+    def provenance(self, root: Path):
+        if self.paths is not None:
+            return FileItems(root, self.paths)
+        return SourceFiles(root, list(self.files))
 
     def canonical(self) -> list[int]:
         return list(self.order) if self.order is not None else list(range(len(self.labels)))
@@ -100,17 +118,28 @@ class _LoadRGB:
 
 
 class _FileList(Dataset):
-    """``(path, label)`` samples read with torchvision's default PIL loader."""
+    """``(path, label)`` samples, each fully decoded to RGB by :func:`.integrity.decode_image`
+    (the same pixels as torchvision's PIL loader; an undecodable file raises
+    :class:`~.errors.BadImageError` naming it)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]]):
-        self.samples = list(samples)
+    def __init__(self, samples: Sequence[tuple[str, int]], name: str | None = None):
+        self.samples = [(str(p), int(t)) for p, t in samples]
+        self.name = name
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        return default_loader(path), label
+        return decode_image(path, self.name), label
+
+
+def _files(name: str, paths: Sequence, labels: Sequence[int], classnames: Sequence[str],
+           order: Sequence[int] | None = None) -> Source:
+    """A source of one image file per item, read through our guarded loader."""
+    paths = [str(p) for p in paths]
+    labels = [int(t) for t in labels]
+    return Source(_FileList(zip(paths, labels), name), labels, classnames, order, paths=paths)
 
 
 # ---------------------------------------------------------------- per-dataset openers
@@ -119,18 +148,25 @@ class _FileList(Dataset):
 def _open_cifar(cls):
     def open_(root: Path, split: str, download: bool) -> Source:
         ds = cls(str(root), train=split == "train", download=download)
-        return Source(ds, ds.targets, md.clean_classnames(ds.classes))
+        folder = root / cls.base_folder
+        files = [folder / f for f, _ in (ds.train_list if split == "train" else ds.test_list)]
+        return Source(ds, ds.targets, md.cifar_classnames(ds.classes),
+                      files=files + [folder / ds.meta["filename"]])
     return open_
 
 
 def _open_mnist(root: Path, split: str, download: bool) -> Source:
     ds = tvd.MNIST(str(root), train=split == "train", download=download)
-    return Source(ds, ds.targets.tolist(), md.DIGITS)
+    prefix = "train" if split == "train" else "t10k"
+    raw = Path(ds.raw_folder)
+    return Source(ds, ds.targets.tolist(), md.DIGITS,
+                  files=[raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"])
 
 
 def _open_svhn(root: Path, split: str, download: bool) -> Source:
     ds = tvd.SVHN(str(root / "svhn"), split=split, download=download)
-    return Source(ds, ds.labels.tolist(), md.DIGITS)        # torchvision maps label 10 -> 0
+    return Source(ds, ds.labels.tolist(), md.DIGITS,        # torchvision maps label 10 -> 0
+                  files=[root / "svhn" / ds.filename])
 
 
 def _open_gtsrb(root: Path, split: str, download: bool) -> Source:
@@ -140,7 +176,7 @@ def _open_gtsrb(root: Path, split: str, download: bool) -> Source:
     else:                  # test labels come from GT-final_test.csv's ClassId
         labels = [int(t) for _, t in ds._samples]
     _check_range("gtsrb", labels, len(md.GTSRB))
-    return Source(ds, labels, md.GTSRB)
+    return _files("gtsrb", [path for path, _ in ds._samples], labels, md.GTSRB)
 
 
 def _open_dtd(root: Path, split: str, download: bool) -> Source:
@@ -149,18 +185,20 @@ def _open_dtd(root: Path, split: str, download: bool) -> Source:
     # so train and test always agree
     folders = sorted(p.name for p in (root / "dtd" / "dtd" / "images").iterdir() if p.is_dir())
     remap = [folders.index(c) for c in ds.classes]
-    return Source(ds, [remap[t] for t in ds._labels], md.clean_classnames(folders))
+    return _files("dtd", ds._image_files, [remap[t] for t in ds._labels],
+                  md.clean_classnames(folders))
 
 
 def _open_eurosat(root: Path, split: str, download: bool) -> Source:
     ds = tvd.EuroSAT(str(root), download=download)
     names = [md.EUROSAT.get(c, md.clean_classname(c)) for c in ds.classes]
-    return Source(ds, ds.targets, names)
+    return _files("eurosat", [p for p, _ in ds.samples], ds.targets, names)
 
 
 def _open_cars(root: Path, split: str, download: bool) -> Source:
     ds = tvd.StanfordCars(str(root), split=split)
-    return Source(ds, [int(t) for _, t in ds._samples], [str(c).strip() for c in ds.classes])
+    return _files("stanford_cars", [p for p, _ in ds._samples], [int(t) for _, t in ds._samples],
+                  [str(c).strip() for c in ds.classes])
 
 
 def _open_sun397(root: Path, split: str, download: bool) -> Source:
@@ -169,7 +207,7 @@ def _open_sun397(root: Path, split: str, download: bool) -> Source:
     # torchvision lists files with rglob (file-system order): sort them by relative path
     rel = [Path(p).relative_to(data_dir).as_posix() for p in ds._image_files]
     order = sorted(range(len(rel)), key=rel.__getitem__)
-    return Source(ds, ds._labels, md.clean_classnames(ds.classes), order)
+    return _files("sun397", ds._image_files, ds._labels, md.clean_classnames(ds.classes), order)
 
 
 def _open_imagenet(root: Path, split: str, download: bool) -> Source:
@@ -182,7 +220,8 @@ def _open_imagenet(root: Path, split: str, download: bool) -> Source:
         raise RuntimeError(f"{inet / 'meta.bin'} lists {len(wnids)} classes, expected "
                            f"{len(md.IMAGENET)} (ILSVRC2012)")
     remap = [wnids.index(w) for w in ds.wnids]                # folder subset -> 1000 classes
-    return Source(ds, [remap[t] for t in ds.targets], md.IMAGENET)
+    return _files("imagenet", [p for p, _ in ds.samples], [remap[t] for t in ds.targets],
+                  md.IMAGENET)
 
 
 def _open_resisc45(root: Path, split: str, download: bool) -> Source:
@@ -203,7 +242,7 @@ def _open_resisc45(root: Path, split: str, download: bool) -> Source:
     if missing:
         raise FileNotFoundError(f"{len(missing)} images of resisc45-{split}.txt are missing, "
                                 f"e.g. {', '.join(missing[:3])}")
-    return Source(_FileList(samples), [t for _, t in samples],
+    return _files("resisc45", [p for p, _ in samples], [t for _, t in samples],
                   md.clean_classnames(md.RESISC45_FOLDERS))
 
 
@@ -440,13 +479,14 @@ def _split_file(cfg, key: str) -> Path:
 
 
 def _make(name: str, split: str, src: Source, positions: Sequence[int] | None,
-          templates: Sequence[str], transform) -> ClassificationSplit:
+          templates: Sequence[str], transform, root: Path) -> ClassificationSplit:
     """Split over canonical ``positions`` of ``src`` (``None``: all of it)."""
     canon = src.canonical()
     base_idx = canon if positions is None else [canon[k] for k in positions]
     return ClassificationSplit(src.base, base_idx, [src.labels[j] for j in base_idx],
                                src.classnames, templates, name, split, transform,
-                               load=_LoadRGB(src.labels))
+                               load=_LoadRGB(src.labels), provenance=src.provenance(root),
+                               root=root)
 
 
 def build(spec: Spec, cfg, split: str, transform=None) -> ClassificationSplit:
@@ -457,13 +497,13 @@ def build(spec: Spec, cfg, split: str, transform=None) -> ClassificationSplit:
     official = spec.official_split(split)
     src = _open(spec, root, official, download)
     if spec.protocol == "official" or official == "test":
-        return _make(spec.name, split, src, None, templates, transform)
+        return _make(spec.name, split, src, None, templates, transform, root)
     fractions = _THREE_WAY if spec.protocol == "three_way" else {"val": spec.val_fraction}
     canon_targets = [src.labels[j] for j in src.canonical()]
     parts = load_or_create(_split_file(cfg, spec.name), dataset=spec.name,
                            targets=canon_targets, fractions=fractions)
     return _make(spec.name, split, src, parts["train" if split == "reference" else split],
-                 templates, transform)
+                 templates, transform, root)
 
 
 def _register(spec: Spec) -> None:
@@ -509,25 +549,32 @@ def build_image_folder(cfg, split: str, transform=None) -> ClassificationSplit:
         raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW, missing)
 
     classes = _class_dirs(root / "train")                 # the class list of every split
-    extra = sorted(set(_class_dirs(root / official)) - set(classes))
-    if not classes or extra:
-        problem = (f"dataset 'image_folder': {root / 'train'} has no class folders" if not classes
-                   else f"dataset 'image_folder': {root / official} has class folders that "
-                        f"train/ lacks: {', '.join(extra)}")
+    if not classes:
         raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW,
-                              problem=problem)
+                              problem=f"dataset 'image_folder': {root / 'train'} has no class "
+                                      f"folders")
+    extra = sorted(set(_class_dirs(root / official)) - set(classes))
+    if extra:                                             # classes train/ cannot know
+        counts = {k: len(make_dataset(str(root / official), {c: 0},
+                                      extensions=IMG_EXTENSIONS, allow_empty=True))
+                  for k, c in enumerate(extra)}
+        raise ClassesMissingFromTrainError.build(
+            "image_folder", split, [md.clean_classname(c) for c in extra], counts, root,
+            hint=f"{root / official} has class folders that {root / 'train'} lacks "
+                 f"({', '.join(extra)}); add them to train/ or remove them from {official}/")
     samples = make_dataset(str(root / official), {c: i for i, c in enumerate(classes)},
                            extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW,
                               problem=f"dataset 'image_folder': no images under {root / official}")
-    src = Source(_FileList(samples), [t for _, t in samples], md.clean_classnames(classes))
+    src = _files("image_folder", [p for p, _ in samples], [t for _, t in samples],
+                 md.clean_classnames(classes))
     templates = list(params.get("templates") or md.TEMPLATES["image_folder"])
 
     if split == "test" or has_val:            # read a folder as is
-        return _make("image_folder", split, src, None, templates, transform)
+        return _make("image_folder", split, src, None, templates, transform, root)
     parts = load_or_create(_split_file(cfg, "image_folder"), dataset="image_folder",
                            targets=src.labels,
                            fractions={"val": float(params.get("val_fraction", 0.1))})
     return _make("image_folder", split, src, parts["train" if split == "reference" else split],
-                 templates, transform)
+                 templates, transform, root)

@@ -27,9 +27,12 @@ from torchvision.transforms import ToTensor
 
 from residual_exp.config import DatasetConfig
 from residual_exp.data import metadata, registry, vision
+from residual_exp.data.errors import BadImageError
 from residual_exp.data.splits import SPLIT_DIRNAME
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+_REPO = Path(__file__).resolve().parents[2]
+CONF = next((p for p in (_REPO / "residual_exp" / "conf" / "dataset", _REPO / "conf" / "dataset")
+             if p.is_dir()), _REPO / "residual_exp" / "conf" / "dataset")
 NAMES = ["cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45",
          "stanford_cars", "sun397", "svhn", "imagenet", "image_folder"]
 SIDE = 8
@@ -102,7 +105,7 @@ def write_cifar100(root: Path):
     part("test", 15)
     with open(d / "meta", "wb") as f:
         pickle.dump({"fine_label_names": names, "coarse_label_names": ["x"] * 20}, f)
-    return 10, 15, range(5), {1: "aquarium fish", 4: "beaver"}
+    return 10, 15, range(5), {1: "aquarium_fish", 4: "beaver"}      # official names: underscores kept
 
 
 def _idx(path: Path, arr: np.ndarray):
@@ -388,7 +391,7 @@ def test_metadata_sources_and_templates():
     assert set(metadata.SOURCES) == set(NAMES)
     for name in NAMES:
         assert all(t.count("{}") == 1 for t in metadata.TEMPLATES[name]), name
-    assert metadata.TEMPLATES["gtsrb"][0] == 'a zoomed in photo of a "{}" traffic sign.'
+    assert metadata.TEMPLATES["gtsrb"][0] == "a zoomed in photo of a {} traffic sign."     # official: no quotes
     assert metadata.TEMPLATES["resisc45"][0] == "satellite imagery of {}."
     assert metadata.TEMPLATES["eurosat"][0] == "a centered satellite photo of {}."
     assert metadata.TEMPLATES["mnist"] == metadata.TEMPLATES["svhn"] == ('a photo of the number: "{}".',)
@@ -423,3 +426,40 @@ def test_inspect_data_through_the_composed_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "airplane, airport" in out and "satellite imagery of {}." in out
     assert "18 images" in out
+
+
+FILE_DATASETS = ["dtd", "eurosat", "gtsrb", "resisc45", "stanford_cars", "sun397", "imagenet",
+                 "image_folder"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_dataset_has_a_stable_fingerprint(name, tmp_path, no_md5):
+    import json
+
+    WRITERS[name](tmp_path)
+    c = cfg(name, tmp_path)
+    fps = {s: registry.build_split(c, s).fingerprint() for s in registry.SPLITS}
+    vision.clear_cache()
+    again = {s: registry.build_split(c, s).fingerprint() for s in registry.SPLITS}
+    assert fps == again and json.loads(json.dumps(fps)) == fps
+    assert fps["reference"] == fps["train"]
+    assert len({fps[s]["sha256"] for s in ("train", "val", "test")}) == 3
+    kind = "files" if name in FILE_DATASETS else "source_files"
+    assert {fp["kind"] for fp in fps.values()} == {kind}
+
+
+@pytest.mark.parametrize("name", FILE_DATASETS)
+def test_file_paths_are_the_files_items_are_read_from(name, tmp_path, no_md5):
+    """Corrupting the file recorded for item k breaks exactly item k, naming the file."""
+    WRITERS[name](tmp_path)
+    test = registry.build_split(cfg(name, tmp_path), "test", ToTensor())
+    paths = test.file_paths()
+    assert len(paths) == len(test) == len(set(paths))
+    k = len(test) // 2
+    Path(paths[k]).write_bytes(b"garbage")
+    with pytest.raises(BadImageError) as e:
+        test[k]
+    assert paths[k] in str(e.value) and f"dataset {name!r}, split 'test'" in str(e.value)
+    for i in range(len(test)):
+        if i != k:
+            test[i]

@@ -2,11 +2,15 @@
 
 * :func:`zero_shot_weights` — the standard CLIP recipe: encode every template for every
   class, L2-normalise each text feature, average per class, renormalise.
-* :func:`prototype_weights` — for models without a text tower (ViT-L, DINOv2), as in the
-  paper: the per-class mean of the L2-normalised train-split image features.
+* prototypes — for models without a text tower (ViT-L, DINOv2), two conventions
+  (``conventions.prototype``): ``mean`` (the official code's, the default) — the raw per-class
+  means µ_c of the train-split image features, ``logits = normalize(f) · µ_c`` (no scale, µ_c
+  not normalised): :func:`class_means`; ``cosine`` — the per-class mean of the L2-normalised
+  features, renormalised, times the model's logit scale: :func:`prototype_weights`.
 
-Either way the head is :class:`ClassifierHead`: ``logits = scale · normalize(f) @ Wᵀ``,
-with ``scale`` the model's logit scale.  Nothing in it is trained.
+The head is :class:`ClassifierHead`: ``logits = scale · normalize(f) @ Wᵀ`` with ``W``
+row-normalised (text heads, cosine prototypes) or as given (mean prototypes).  Nothing in it
+is trained.
 """
 from __future__ import annotations
 
@@ -50,13 +54,28 @@ def prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes:
     return (sums / counts[:, None]).to(features.dtype)                    # [C, D]
 
 
+PROTOTYPES = ("mean", "cosine")
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[C, D]`` raw per-class means of the features (float64 sums), the official prototypes."""
+    f = features.double()
+    counts = torch.bincount(labels, minlength=num_classes)                 # [C]
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"prototype classifier: no training example for classes {missing[:10]}")
+    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
+    return (sums / counts[:, None]).to(features.dtype)                    # [C, D]
+
+
 def frozen_classifier(backbone, classnames: Sequence[str], templates: Sequence[str], cache, model_id: dict,
                       train_encoding: Callable, device: str | torch.device = "cpu",
-                      progress: bool = True) -> "ClassifierHead":
+                      progress: bool = True, prototype: str = "mean") -> "ClassifierHead":
     """The frozen head every method trains against: zero-shot text centroids (cached per
     model identity × class names × templates), or — for models without a text tower — the
-    prototypes of the train split; ``train_encoding()`` returns its cached
-    :class:`~residual_exp.encode.Encoded` and is only called then."""
+    prototypes of the train split (``prototype``: ``mean`` | ``cosine``, see the module
+    docstring); ``train_encoding()`` returns its cached :class:`~residual_exp.encode.Encoded`
+    and is only called then."""
     if backbone.has_text:
         spec = {"model": model_id, "classnames": list(classnames), "templates": list(templates)}
         build = lambda tmp: _save_weights(tmp, zero_shot_weights(backbone, classnames, templates, device,
@@ -64,9 +83,14 @@ def frozen_classifier(backbone, classnames: Sequence[str], templates: Sequence[s
         weights = cache.get_or_build("classifiers", spec, build, _load_weights, suffix=".safetensors")
     else:
         import numpy as np
+        if prototype not in PROTOTYPES:
+            raise ValueError(f"conventions.prototype={prototype!r}; valid: {', '.join(PROTOTYPES)}")
         enc = train_encoding()
-        weights = prototype_weights(torch.from_numpy(np.asarray(enc.features)).float(),
-                                    torch.from_numpy(np.asarray(enc.labels)), len(classnames))
+        feats = torch.from_numpy(np.asarray(enc.features, dtype=np.float64))
+        labels = torch.from_numpy(np.asarray(enc.labels))
+        if prototype == "mean":
+            return ClassifierHead(class_means(feats, labels, len(classnames)).float(), 1.0, normalize_weights=False)
+        weights = prototype_weights(feats.float(), labels, len(classnames))
     return ClassifierHead(weights.float(), backbone.logit_scale)
 
 
@@ -81,12 +105,14 @@ def _load_weights(path: Path) -> torch.Tensor:
 
 
 class ClassifierHead(nn.Module):
-    """Frozen cosine classifier: ``scale · normalize(f) @ normalize(W)ᵀ``."""
+    """Frozen classifier ``scale · normalize(f) @ Wᵀ``; ``W`` row-normalised unless
+    ``normalize_weights=False`` (the official mean prototypes)."""
 
-    def __init__(self, weights: torch.Tensor, scale: float) -> None:
+    def __init__(self, weights: torch.Tensor, scale: float, normalize_weights: bool = True) -> None:
         super().__init__()
-        self.register_buffer("weight", F.normalize(weights, dim=-1))     # [C, D]
+        self.register_buffer("weight", F.normalize(weights, dim=-1) if normalize_weights else weights.clone())  # [C, D]
         self.scale = float(scale)
+        self.normalize_weights = bool(normalize_weights)
 
     @property
     def num_classes(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 from .cache import Cache
 from .classifiers import ClassifierHead, frozen_classifier
 from .data.registry import build_split
-from .encode import Encoded, dataset_identity, encode_split, fit_bases, model_identity, subsample_split
+from .encode import Encoded, dataset_identity, encode_split, fit_bases, model_identity, source_for, subsample_split
 from .runtime import frozen_backbone, resolve_device, seed_everything
 
 
@@ -45,7 +45,9 @@ class Session:
         model_cfg = cfg.model if model_cfg is None else model_cfg
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
-        backbone = frozen_backbone(model_cfg, device)
+        backbone = frozen_backbone(model_cfg, device).use_convention(cfg.conventions.units)
+        precision = model_cfg.get("precision", "auto")
+        backbone.precision = ("bf16" if device.startswith("cuda") else "fp32") if precision == "auto" else precision
         return cls(cfg, model_cfg, backbone, model_identity(model_cfg, cfg.seed), Cache(cfg.cache.dir, enabled=cfg.cache.enabled),
                    device, cfg.trainer.progress_bar if progress is None else bool(progress), batch_size)
 
@@ -61,7 +63,7 @@ class Session:
 
     def encode_dataset(self, ds, ds_cfg) -> Encoded:
         """Like :meth:`encode`, for an already built split (no subsampling)."""
-        return self._encode(ds, dataset_identity(ds_cfg, ds.split, len(ds), self.backbone.transform), ds_cfg)
+        return self._encode(ds, dataset_identity(ds_cfg, ds, self.backbone.transform), ds_cfg)
 
     @property
     def storage_dtype(self) -> str:
@@ -71,16 +73,25 @@ class Session:
             return "float32" if self.model_cfg.family == "tiny_clip" else "float16"
         return dtype
 
+    @property
+    def layout(self) -> str:
+        return self.cfg.cache.layout
+
+    @property
+    def source(self):
+        """How this session's cached encodings are read as units (its layout and convention)."""
+        return source_for(self.backbone, self.layout)
+
     def _encode(self, ds, ident: dict, ds_cfg) -> Encoded:
         return encode_split(self.backbone, ds, self.cache, {"model": self.model_id, "dataset": ident}, self.device,
                             self.batch_size or ds_cfg.batch_size, ds_cfg.num_workers, self.storage_dtype,
-                            self.cfg.cache.memory_budget_gb, self.progress)
+                            self.cfg.cache.memory_budget_gb, self.progress, self.layout)
 
     def bases(self, ref_cfg, split: str, max_samples: int | None = None):
         """``(unit_basis, output_basis)``: per-unit PCA on ``ref_cfg``'s ``split`` (cached)."""
         ds, ident = self.split(ref_cfg, split, max_samples)
         return fit_bases(self.backbone, ds, self.cache, {"model": self.model_id, "dataset": ident}, self.device,
-                         self.batch_size or ref_cfg.batch_size, ref_cfg.num_workers, self.progress)
+                         self.batch_size or ref_cfg.batch_size, ref_cfg.num_workers, self.progress, self.layout)
 
     def reference_bases(self, pca_cfg=None):
         """The bases ``pca`` (default ``cfg.pca``) describes: ``pca.reference`` / ``split`` / ``max_samples``."""
@@ -92,4 +103,4 @@ class Session:
         for models without a text tower: ``train_encoding()`` or the cached train encoding)."""
         train = train_encoding or (lambda: self.encode(ds_cfg, "train")[0])
         return frozen_classifier(self.backbone, classnames, templates, self.cache, self.model_id, train,
-                                 self.device, self.progress)
+                                 self.device, self.progress, self.cfg.conventions.prototype)

@@ -16,8 +16,8 @@ import torch
 
 from omegaconf import OmegaConf
 
-from ..config import DatasetConfig, MethodConfig, ModelConfig, PCAConfig
-from ..methods import build_adapter
+from ..config import ConventionsConfig, DatasetConfig, MethodConfig, ModelConfig, PCAConfig
+from ..methods import build_adapter, prune_rule
 from ..results import TrainedLambda, load_lambda, read_run_config
 from ..tables import write_table
 from . import text_spans as ts
@@ -30,12 +30,14 @@ def load_run(run_dir: Path):
     """``(TrainedLambda, run config)`` of a ``task=train`` run dir (its λ file and config.json;
     the config holds the run's model, dataset, pca, method nodes and seed)."""
     conf = read_run_config(run_dir)
-    schemas = {"model": ModelConfig, "dataset": DatasetConfig, "pca": PCAConfig, "method": MethodConfig}
+    schemas = {"model": ModelConfig, "dataset": DatasetConfig, "pca": PCAConfig, "method": MethodConfig,
+               "conventions": ConventionsConfig}
     missing = [k for k in schemas if k not in conf]
     if missing:
         raise ValueError(f"{run_dir}/config.json lacks {missing}: not the config of a task=train run")
     run = OmegaConf.create({k: OmegaConf.merge(OmegaConf.structured(v), conf[k]) for k, v in schemas.items()})
     run.seed = int(conf.get("seed", 0))
+    run.compat = str(conf.get("compat", "none"))
     return load_lambda(run_dir), run
 
 
@@ -48,19 +50,20 @@ def run_report(trained: TrainedLambda, run, session, unit_basis, output_basis, a
         return lines + coarse_report(trained, out, n_lambda)
     layout = session.backbone.layout
     basis = output_basis if trained.units == ["output"] else unit_basis.select([layout.index(n) for n in trained.units])
-    basis = basis.prune(evr=run.method.evr, k=run.method.k).compact().to(device="cpu")
-    lam_init = initial_lambda(run, layout, session.backbone.output_dim, unit_basis, output_basis, session.backbone,
-                              trained.lam.shape)
+    basis = basis.prune(evr=run.method.evr, k=run.method.k, **prune_rule(run.conventions.evr_rule, run.compat))
+    basis = basis.compact().to(device="cpu")
+    lam_init = initial_lambda(run, session, unit_basis, output_basis, trained.lam.shape)
     return lines + spectral_report(trained, basis, layout, atoms, texts, lam_init, out, run.dataset.name, n_lambda,
                                    n_descriptions)
 
 
-def initial_lambda(run, layout, output_dim: int, unit_basis, output_basis, backbone, shape) -> torch.Tensor | None:
+def initial_lambda(run, session, unit_basis, output_basis, shape) -> torch.Tensor | None:
     """The seeded initial λ of the run, rebuilt exactly as ``task=train`` built it (so that
     Δλ is what training changed), or None when it cannot be rebuilt."""
     try:
-        adapter = build_adapter(run.method, layout, output_dim, unit_basis, output_basis,
-                                backbone=backbone, seed=run.seed)
+        adapter = build_adapter(run.method, session.source, session.backbone.output_dim, unit_basis, output_basis,
+                                backbone=session.backbone, seed=run.seed, evr_rule=run.conventions.evr_rule,
+                                compat=run.compat)
     except Exception as e:  # diagnostic only: the report falls back to λ_init = 1
         log.warning("could not rebuild the initial λ: %s", e)
         return None

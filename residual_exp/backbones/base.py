@@ -8,7 +8,10 @@ it needs, whatever the family (open_clip, timm, BLIP, …):
 * ``encode_text(tokens)``  text feature ``[B, D]`` (``has_text`` models only)
 * ``tokenize(texts)``      tokens for ``encode_text``
 * ``decompose(x)``         ``(units [B, U, D], feature [B, D])`` with ``units.sum(1) == feature``
+* ``decompose_raw(x)``     what the cache stores (low-rank: per-head z, projected embedding/MLPs,
+                           the final norm's statistics); ``readout()`` turns it into units
 * ``layout``               the :class:`~residual_exp.decompose.units.UnitLayout` of those units
+                           (``use_convention`` picks the official or the centred definition)
 * ``vision``               the ``nn.Module`` holding the image tower (what ``finetune`` trains)
 * ``logit_scale``          the temperature of the zero-shot classifier (float)
 
@@ -27,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from ..decompose.readout import CONVENTIONS, Lens, Readout, raw_units
 from ..decompose.units import UnitLayout
 
 
@@ -37,16 +41,19 @@ class UnsupportedArchitecture(ValueError):
 class Backbone(nn.Module, abc.ABC):
     family: str = "?"
 
-    def __init__(self, name: str, output_dim: int, layout: UnitLayout, transform: Callable,
+    def __init__(self, name: str, output_dim: int, num_layers: int, num_heads: int, transform: Callable,
                  image_size: int, has_text: bool, logit_scale: float = 100.0) -> None:
         super().__init__()
         self.name = name
         self.output_dim = int(output_dim)
-        self.layout = layout
+        self.num_layers, self.num_heads = int(num_layers), int(num_heads)
         self.transform = transform
         self.image_size = int(image_size)
         self.has_text = bool(has_text)
         self._logit_scale = float(logit_scale)
+        self.convention = "official"          # conventions.units: how units are defined (decompose/readout.py)
+        self.precision = "fp32"               # the encoding forward: fp32 | bf16 (autocast on CUDA)
+        self._readouts: dict = {}
 
     # --- towers -------------------------------------------------------------------------
     @property
@@ -69,11 +76,36 @@ class Backbone(nn.Module, abc.ABC):
     # --- decomposition ------------------------------------------------------------------
     @abc.abstractmethod
     def _install(self, hs, store: dict) -> None:
-        """Install hooks/instance forwards on ``hs`` that fill ``store`` during a forward."""
+        """Install hooks/instance forwards on ``hs`` that fill ``store`` during a forward:
+        ``embed`` ``[B, W]``, ``heads`` (per layer ``[B, H, Dh]``), ``mlps`` (per layer ``[B, W]``)
+        and ``final_in`` ``[B, W]``, the CLS row entering the final norm."""
 
     @abc.abstractmethod
-    def _units(self, store: dict) -> torch.Tensor:
-        """Turn what the hooks stored into ``[B, U, D]`` units in the output space."""
+    def lens(self) -> Lens:
+        """The readout parameters (out-projections, final norm, projection) of the current weights."""
+
+    def use_convention(self, convention: str) -> "Backbone":
+        if convention not in CONVENTIONS:
+            raise ValueError(f"conventions.units={convention!r}; valid: {', '.join(CONVENTIONS)}")
+        self.convention = convention
+        return self
+
+    @abc.abstractmethod
+    def final(self) -> tuple[nn.Module | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(final norm, output projection [W, D] or None, its bias or None)``."""
+
+    def readout(self, convention: str | None = None) -> Readout:
+        """The exact unit readout under ``convention`` (default: the backbone's), built from the
+        current weights (rebuilt whenever a parameter moves or is modified in place)."""
+        convention = convention or self.convention
+        key = (convention, tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters()))
+        if self._readouts.get(convention, (None,))[0] != key:
+            self._readouts[convention] = (key, Readout(self.lens(), convention))
+        return self._readouts[convention][1]
+
+    @property
+    def layout(self) -> UnitLayout:
+        return self.readout().layout
 
     @contextmanager
     def decomposing(self) -> Iterator[dict]:
@@ -84,13 +116,25 @@ class Backbone(nn.Module, abc.ABC):
             self._install(hs, store)
             yield store
 
+    def decompose_raw(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the cache stores of ``images`` (:func:`~residual_exp.decompose.readout.raw_units`):
+        the forward in ``self.precision`` (bf16 autocast on CUDA), the unit algebra in the weights'
+        dtype."""
+        autocast = self.precision == "bf16" and images.is_cuda
+        with self.decomposing() as store:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                feature = self.encode_image(images)
+            assert len(store["heads"]) == len(store["mlps"]) == self.num_layers, "hooks did not fire once per block"
+            norm, proj, _ = self.final()
+            return raw_units(norm, proj, store["final_in"], store["embed"], store["heads"], store["mlps"], feature,
+                             next(self.parameters()).dtype)
+
     def decompose(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(units [B, U, D], feature [B, D])``; ``units.sum(1)`` equals ``feature``."""
-        with self.decomposing() as store:
-            feature = self.encode_image(images)
-            units = self._units(store)
+        raw = self.decompose_raw(images)
+        units = self.readout().units(raw)
         assert units.shape == (images.shape[0], len(self.layout), self.output_dim), units.shape
-        return units, feature
+        return units, raw["feature"]
 
 
 # --- registry ---------------------------------------------------------------------------

@@ -52,9 +52,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..decompose.lens import layer_norm_lens
-from ..decompose.stack import LayerPieces, cls_heads_pre_hook, residual_contributions
-from ..decompose.units import UnitLayout
+from ..decompose.readout import Lens, lens_from
+from ..decompose.stack import cls_heads_pre_hook, cls_input_pre_hook
 from .base import Backbone, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
 
@@ -140,9 +139,8 @@ class BlipBackbone(Backbone):
             raise UnsupportedArchitecture(
                 f"this transformers version cannot run BLIP at {image_size} px (checkpoint: {native} px): "
                 "no interpolate_pos_encoding; use model.image_size=null")
-        layout = UnitLayout.vit(vcfg.num_hidden_layers, vcfg.num_attention_heads)
-        super().__init__(name, model.vision_proj.out_features, layout, transform, image_size, has_text=True,
-                         logit_scale=logit_scale)
+        super().__init__(name, model.vision_proj.out_features, vcfg.num_hidden_layers, vcfg.num_attention_heads,
+                         transform, image_size, has_text=True, logit_scale=logit_scale)
         self.model = model
         # not registered as a submodule: its parameters are model's, listed once in state_dict()
         object.__setattr__(self, "_tower", _BlipImageTower(vision, model.vision_proj, interpolate))
@@ -198,16 +196,16 @@ class BlipBackbone(Backbone):
             attn = layer.self_attn
             hs.forward_pre_hook(attn.projection, cls_heads_pre_hook(store["heads"], attn.num_heads, attn.head_dim))
             hs.forward_hook(layer.mlp, lambda m, i, o: store["mlps"].append(o[:, 0].clone()))  # [B, W]
+        hs.forward_pre_hook(vision.post_layernorm, cls_input_pre_hook(store, "final_in"))
 
-    def _units(self, store: dict) -> torch.Tensor:
-        vision = self.model.vision_model
-        layers = vision.encoder.layers
-        assert len(store["heads"]) == len(layers) == len(store["mlps"]), "hooks did not fire once per layer"
-        contribs = residual_contributions(store["embed"], [
-            LayerPieces(z, l.self_attn.projection.weight, l.self_attn.projection.bias, None, mlp)
-            for l, z, mlp in zip(layers, store["heads"], store["mlps"])])      # [B, U - 1, W]
-        ln, vp = vision.post_layernorm, self.model.vision_proj
-        return layer_norm_lens(contribs, ln.weight, ln.bias, ln.eps, vp.weight.T, vp.bias)  # [B, U, D]
+    def final(self):
+        vp = self.model.vision_proj
+        return self.model.vision_model.post_layernorm, vp.weight.T, vp.bias
+
+    def lens(self) -> Lens:
+        layers = self.model.vision_model.encoder.layers
+        return lens_from([l.self_attn.projection.weight for l in layers], [l.self_attn.projection.bias for l in layers],
+                         [None] * len(layers), self.num_heads, *self.final())
 
 
 # --- construction ---------------------------------------------------------------------

@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..decompose.lens import layer_norm_lens
-from ..decompose.stack import LayerPieces, layer_scale, residual_contributions
-from ..decompose.units import UnitLayout
+from ..decompose.readout import Lens, lens_from
+from ..decompose.stack import cls_input_pre_hook, layer_scale
 from .base import Backbone, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
 
@@ -53,10 +52,9 @@ class OpenClipBackbone(Backbone):
         visual = model.visual
         check_open_clip_vision(visual)
         blocks = visual.transformer.resblocks
-        layout = UnitLayout.vit(len(blocks), blocks[0].attn.num_heads)
         output_dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
-        super().__init__(name, output_dim, layout, transform, image_size, has_text=True,
-                         logit_scale=float(model.logit_scale.detach().exp()))
+        super().__init__(name, output_dim, len(blocks), blocks[0].attn.num_heads, transform, image_size,
+                         has_text=True, logit_scale=float(model.logit_scale.detach().exp()))
         self.model = model
         self._tokenizer = tokenizer
 
@@ -84,16 +82,16 @@ class OpenClipBackbone(Backbone):
         for block in visual.transformer.resblocks:
             hs.instance_forward(block.attn, _make_mha_forward(block.attn, store["heads"], batch_first))
             hs.forward_hook(block.ls_2, lambda m, i, o: store["mlps"].append(cls(o)))
+        # ln_post sees [B, N, W] (batch first) or the pooled [B, W] (final_ln_after_pool)
+        hs.forward_pre_hook(visual.ln_post, cls_input_pre_hook(store, "final_in"))
 
-    def _units(self, store: dict) -> torch.Tensor:
-        visual = self.model.visual
-        blocks = visual.transformer.resblocks
-        assert len(store["heads"]) == len(blocks) == len(store["mlps"]), "hooks did not fire once per block"
-        contribs = residual_contributions(store["embed"], [
-            LayerPieces(z, b.attn.out_proj.weight, b.attn.out_proj.bias, layer_scale(b.ls_1), mlp)
-            for b, z, mlp in zip(blocks, store["heads"], store["mlps"])])      # [B, U - 1, W]
-        ln = visual.ln_post
-        return layer_norm_lens(contribs, ln.weight, ln.bias, ln.eps, visual.proj)
+    def final(self):
+        return self.model.visual.ln_post, self.model.visual.proj, None
+
+    def lens(self) -> Lens:
+        blocks = self.model.visual.transformer.resblocks
+        return lens_from([b.attn.out_proj.weight for b in blocks], [b.attn.out_proj.bias for b in blocks],
+                         [layer_scale(b.ls_1) for b in blocks], self.num_heads, *self.final())
 
 
 def _make_mha_forward(mha: nn.MultiheadAttention, sink: list, batch_first: bool):

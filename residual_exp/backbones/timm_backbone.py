@@ -16,8 +16,8 @@ no ``fc_norm``, no attention pool) decomposes exactly into residual units at the
 
 The feature is timm's pre-logits CLS feature after the final norm,
 ``model.forward_head(model.forward_features(x), pre_logits=True)`` (1024-d for ViT-L); the
-final norm is pushed through :func:`~residual_exp.decompose.lens.layer_norm_lens` with
-``proj=None`` (no projection: units live in the model width).  No text tower: zero-shot
+final norm is linearised by :mod:`residual_exp.decompose.readout` with no projection (units
+live in the model width).  No text tower: zero-shot
 classifiers for these models are class-mean image prototypes, built elsewhere.
 
 Weights (``model.pretrained`` / ``model.weights``):
@@ -69,9 +69,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..decompose.lens import layer_norm_lens
-from ..decompose.stack import LayerPieces, cls_heads_pre_hook, layer_scale, residual_contributions
-from ..decompose.units import UnitLayout
+from ..decompose.readout import Lens, lens_from
+from ..decompose.stack import cls_heads_pre_hook, cls_input_pre_hook, layer_scale
 from .base import Backbone, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
 
@@ -135,9 +134,8 @@ class TimmBackbone(Backbone):
                  logit_scale: float = 100.0) -> None:
         check_timm_vit(model)
         blocks = model.blocks
-        layout = UnitLayout.vit(len(blocks), blocks[0].attn.num_heads)
-        super().__init__(name, model.embed_dim, layout, transform, image_size, has_text=False,
-                         logit_scale=logit_scale)
+        super().__init__(name, model.embed_dim, len(blocks), blocks[0].attn.num_heads, transform, image_size,
+                         has_text=False, logit_scale=logit_scale)
         self.model = model
 
     @property
@@ -163,17 +161,15 @@ class TimmBackbone(Backbone):
             attn = block.attn
             hs.forward_pre_hook(attn.proj, cls_heads_pre_hook(store["heads"], attn.num_heads, attn.head_dim))
             hs.forward_hook(block.ls2, lambda m, i, o: store["mlps"].append(o[:, 0].clone()))  # [B, D]
+        hs.forward_pre_hook(self.model.norm, cls_input_pre_hook(store, "final_in"))   # Identity too: it is called
 
-    def _units(self, store: dict) -> torch.Tensor:
+    def final(self):
+        return self.model.norm, None, None
+
+    def lens(self) -> Lens:
         blocks = self.model.blocks
-        assert len(store["heads"]) == len(blocks) == len(store["mlps"]), "hooks did not fire once per block"
-        contribs = residual_contributions(store["embed"], [
-            LayerPieces(z, b.attn.proj.weight, b.attn.proj.bias, layer_scale(b.ls1), mlp)
-            for b, z, mlp in zip(blocks, store["heads"], store["mlps"])])      # [B, U - 1, D]
-        norm = self.model.norm
-        if isinstance(norm, nn.Identity):                                 # final_norm=False: no lens
-            return torch.cat([contribs, torch.zeros_like(contribs[:, :1])], 1)  # [B, U, D]
-        return layer_norm_lens(contribs, norm.weight, norm.bias, norm.eps, proj=None)
+        return lens_from([b.attn.proj.weight for b in blocks], [b.attn.proj.bias for b in blocks],
+                         [layer_scale(b.ls1) for b in blocks], self.num_heads, *self.final())
 
 
 # --- state dicts ----------------------------------------------------------------------

@@ -10,8 +10,7 @@ Each message names the dataset, the split, what is wrong (file paths, class name
 counts) and what to do about it.
 
 =============================  ==========================================================
-:class:`DatasetNotFound`       the data is missing under ``root`` (in :mod:`.vision`;
-                               also a ``FileNotFoundError``)
+:class:`DatasetNotFound`       the data is missing under ``root`` (also a ``FileNotFoundError``)
 :class:`SplitMismatchError`    a stored split does not fit the data (in :mod:`.splits`;
                                also a ``RuntimeError``)
 :class:`BadImageError`         an image file cannot be decoded
@@ -22,9 +21,10 @@ counts) and what to do about it.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["DatasetError", "BadImageError", "TooFewClassesError", "EmptySplitError",
+__all__ = ["DatasetError", "DatasetNotFound", "BadImageError", "TooFewClassesError", "EmptySplitError",
            "ClassesMissingFromTrainError", "SKIP_HINT"]
 
 SKIP_HINT = ("Fix or delete the file, or set dataset.skip_bad_images=true to skip unreadable "
@@ -151,3 +151,26 @@ class ClassesMissingFromTrainError(DatasetError):
                           f"{_root_hint(root)}") + ".")
         names = [classnames[t] if 0 <= t < len(classnames) else str(t) for t in labels]
         return cls(msg, dataset=dataset, split=split, classes=names)
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
+    """The data of a dataset is missing (or unreadable) under ``root``."""
+
+    def __init__(self, name: str, root: Path, layout: str, how_to_get: str,
+                 missing: Sequence[str] = (), problem: str | None = None):
+        self.name, self.root, self.layout, self.how_to_get = name, root, layout, how_to_get
+        self.missing = list(missing)
+        lines = [problem or f"dataset {name!r}: data not found under root {str(root)!r} "
+                            f"(set it with dataset.root=...)."]
+        if self.missing:
+            lines += ["missing under root:"] + [f"  - {m}" for m in self.missing]
+        lines += ["expected layout under root:", _indent(layout), "how to get it:",
+                  _indent(how_to_get)]
+        super().__init__("\n".join(lines))
+
+    def __str__(self) -> str:  # FileNotFoundError would prefix "[Errno ...]" otherwise
+        return self.args[0]
+
+
+def _indent(text: str, pad: str = "  ") -> str:
+    return "\n".join(pad + line for line in text.strip("\n").splitlines())

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import integrity
+from .errors import DatasetNotFound
 from .errors import (BadImageError, ClassesMissingFromTrainError, DatasetError,  # noqa: F401
                      EmptySplitError, TooFewClassesError)
 from .integrity import FileItems, SourceFiles, Synthetic, fingerprint  # noqa: F401 (re-export)
@@ -207,8 +208,6 @@ def scan_cache_dir(cfg) -> Path | None:
 
 def _train_labels(entry: DatasetEntry, cfg) -> list[int] | None:
     """Labels of the train split (no images decoded); ``None`` when its data is missing."""
-    from .vision import DatasetNotFound
-
     try:
         if entry.labels is not None:
             return [int(t) for t in entry.labels(cfg, "train")]

@@ -43,36 +43,13 @@ from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from . import metadata as md
-from .errors import ClassesMissingFromTrainError, DatasetError
+from .errors import ClassesMissingFromTrainError, DatasetError, DatasetNotFound, _indent
 from .integrity import FileItems, SourceFiles, decode_image
 from .registry import ClassificationSplit, register_dataset
 from .splits import load_or_create, split_path
 
 __all__ = ["DatasetNotFound", "Source", "Spec", "SPECS", "build", "build_image_folder",
            "check_available", "clear_cache"]
-
-
-class DatasetNotFound(DatasetError, FileNotFoundError):
-    """The data of a dataset is missing (or unreadable) under ``root``."""
-
-    def __init__(self, name: str, root: Path, layout: str, how_to_get: str,
-                 missing: Sequence[str] = (), problem: str | None = None):
-        self.name, self.root, self.layout, self.how_to_get = name, root, layout, how_to_get
-        self.missing = list(missing)
-        lines = [problem or f"dataset {name!r}: data not found under root {str(root)!r} "
-                            f"(set it with dataset.root=...)."]
-        if self.missing:
-            lines += ["missing under root:"] + [f"  - {m}" for m in self.missing]
-        lines += ["expected layout under root:", _indent(layout), "how to get it:",
-                  _indent(how_to_get)]
-        super().__init__("\n".join(lines))
-
-    def __str__(self) -> str:  # FileNotFoundError would prefix "[Errno ...]" otherwise
-        return self.args[0]
-
-
-def _indent(text: str, pad: str = "  ") -> str:
-    return "\n".join(pad + line for line in text.strip("\n").splitlines())
 
 
 # ----------------------------------------------------------------------------- sources

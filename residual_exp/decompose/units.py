@@ -6,11 +6,14 @@ Unit order (documented, stable; TransformerLens style)::
     L0H0 … L0H{H-1}, L0.mlp       layer 0: every attention head, then the MLP
     L1H0 … L1.mlp                 layer 1 …
     …
-    attn_bias                     Σ_l attention output-projection biases (× LayerScale)
-    out_bias                      final-norm β pushed through the projection (+ its bias)
+    attn_bias                     (centred convention only) Σ_l attention out-projection biases
+    out_bias                      (centred convention only) final-norm β through the projection (+ its bias)
 
 Every unit is a vector in the model's *output* space; their sum is the image feature
-(see ``decompose.lens``).  ``kind`` is one of ``embed | head | mlp | const``.
+(see :mod:`.readout`).  ``kind`` is one of ``embed | head | mlp | const``.  Under the official
+convention (the default) the biases and the final norm's centring are shared out among the
+units, so there are no constant units: ``U = 1 + L·(H + 1)``; the centred convention adds the
+two constant units: ``U = 1 + L·(H + 1) + 2``.
 """
 from __future__ import annotations
 
@@ -28,13 +31,14 @@ class UnitLayout:
     heads: tuple[int, ...]    # -1 unless kind == "head"
 
     @classmethod
-    def vit(cls, num_layers: int, num_heads: int) -> "UnitLayout":
+    def vit(cls, num_layers: int, num_heads: int, constants: bool = True) -> "UnitLayout":
+        """The layout of a ViT; ``constants``: append the ``attn_bias`` / ``out_bias`` units."""
         names, kinds, layers, heads = ["embed"], ["embed"], [-1], [-1]
         for l in range(num_layers):
             for h in range(num_heads):
                 names.append(f"L{l}H{h}"); kinds.append("head"); layers.append(l); heads.append(h)
             names.append(f"L{l}.mlp"); kinds.append("mlp"); layers.append(l); heads.append(-1)
-        for c in ("attn_bias", "out_bias"):
+        for c in ("attn_bias", "out_bias") if constants else ():
             names.append(c); kinds.append("const"); layers.append(-1); heads.append(-1)
         return cls(tuple(names), tuple(kinds), tuple(layers), tuple(heads))
 

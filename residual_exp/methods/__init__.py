@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..spectral import PCABasis
 from .adapters import (Adapter, HeadScaling, LinearAdapter, SpectralReweighting, ZeroShot,
                        init_lambda)
 from .finetune import Finetune
@@ -21,14 +22,33 @@ def needs_bases(method_cfg) -> bool:
     return method_cfg.name in NEEDS_BASES or (method_cfg.name == "residual_coarse" and method_cfg.others == "mean")
 
 
-def build_adapter(method_cfg, layout, output_dim: int, unit_basis=None, output_basis=None,
-                  backbone=None, seed: int = 0) -> Adapter:
-    """The adapter for ``method_cfg.name`` (bases are required when :func:`needs_bases`)."""
+def prune_rule(evr_rule: str = "strict", compat: str = "none") -> dict:
+    """Keyword arguments of :meth:`PCABasis.prune` for ``conventions.evr_rule`` and ``compat``
+    (compat=official also keeps k=1 when a unit never reaches the EVR target, bug (c))."""
+    return {"rule": evr_rule, "unreachable": "one" if compat == "official" else "all"}
+
+
+def coordinate_basis(basis: PCABasis) -> PCABasis:
+    """compat=official (a): the official spectral_adapter scales output *coordinates*,
+    ``(f − µ) ⊙ λ``: the same reweighting with the identity as its "basis"."""
+    D = basis.dim
+    eye = torch.eye(D, dtype=basis.components.dtype)[None]
+    ones = torch.ones(1, D, dtype=basis.eigenvalues.dtype)
+    return PCABasis(mean=basis.mean, components=eye, eigenvalues=ones, explained_variance_ratio=ones / D,
+                    mask=torch.ones(1, D, dtype=torch.bool), n_samples=basis.n_samples, meta=dict(basis.meta))
+
+
+def build_adapter(method_cfg, source, output_dim: int, unit_bases=None, output_basis=None,
+                  backbone=None, seed: int = 0, evr_rule: str = "strict", compat: str = "none") -> Adapter:
+    """The adapter for ``method_cfg.name`` reading units through ``source`` (a
+    :class:`~residual_exp.decompose.readout.UnitSource`); bases are required when
+    :func:`needs_bases`.  ``compat="official"`` reproduces the official code's bugs (a)-(d)."""
     name = method_cfg.name
     if name not in METHODS:
         raise ValueError(f"method.name={name!r}; valid: {', '.join(METHODS)}")
-    if needs_bases(method_cfg) and (unit_basis is None or output_basis is None):
+    if needs_bases(method_cfg) and (unit_bases is None or output_basis is None):
         raise ValueError(f"method {name} needs PCA bases")
+    official = compat == "official"
     g = torch.Generator().manual_seed(seed)
     if name == "base":
         return ZeroShot()
@@ -37,22 +57,27 @@ def build_adapter(method_cfg, layout, output_dim: int, unit_basis=None, output_b
             raise ValueError("method=finetune needs the backbone")
         return Finetune(backbone)
     if name == "linear_adapter":
-        return LinearAdapter(output_dim)
+        return LinearAdapter(output_dim, method_cfg.init)
+    rule = prune_rule(evr_rule, compat)
     if name == "spectral_adapter":
-        return SpectralReweighting(output_basis.prune(), [0], 1, others="drop",
-                                   dropped_value=method_cfg.dropped_value, init=method_cfg.init,
-                                   generator=g, from_feature=True)
+        basis = output_basis.prune(evr=method_cfg.evr, k=method_cfg.k, **rule)
+        basis = coordinate_basis(basis) if official else basis.compact()
+        return SpectralReweighting([("output", [0], basis)], None, 1, dropped_value=method_cfg.dropped_value,
+                                   init=method_cfg.init, generator=g, from_feature=True)
+    layout = source.layout
     selected = layout.indices(method_cfg.units)
     if not selected:
         raise ValueError(f"method.units={method_cfg.units!r} selects no unit")
     others = [i for i in range(len(layout)) if i not in set(selected)]
-    other_mean = None
-    if unit_basis is not None and others:
-        other_mean = unit_basis.mean[others].sum(0)                        # [D]
+    other_mean = unit_bases.mean[others].sum(0) if unit_bases is not None and others else None    # [D]
     if name == "residual_coarse":
-        return HeadScaling(selected, len(layout), others=method_cfg.others, other_mean=other_mean,
-                           init=method_cfg.init, generator=g)
-    basis = unit_basis.select(selected).prune(evr=method_cfg.evr, k=method_cfg.k).compact()
-    return SpectralReweighting(basis, selected, len(layout), others=method_cfg.others,
-                               other_mean=other_mean, dropped_value=method_cfg.dropped_value,
-                               init=method_cfg.init, generator=g)
+        return HeadScaling(selected, source, len(layout), others=method_cfg.others, other_mean=other_mean,
+                           init=method_cfg.init, generator=g, batch_mean=official)
+    blocks = unit_bases.blocks(selected)
+    # the official code zero-pads every unit's basis to the largest K; square (K = D) bases are
+    # then reconstructed with their transpose (bug b)
+    square = official and max(b.num_components for _, _, b in blocks) == unit_bases.dim
+    blocks = [(grp, idx, b.prune(evr=method_cfg.evr, k=method_cfg.k, **rule).compact()) for grp, idx, b in blocks]
+    return SpectralReweighting(blocks, source, len(layout), others=method_cfg.others, other_mean=other_mean,
+                               dropped_value=method_cfg.dropped_value, init=method_cfg.init, generator=g,
+                               square_transpose=square, batch_mean=official)

@@ -49,20 +49,25 @@ _META_PREFIX = "meta."
 _TENSOR_FIELDS = ("mean", "components", "eigenvalues", "explained_variance_ratio", "mask")
 
 
-def num_components_for_evr(ratio: torch.Tensor, evr: float) -> torch.Tensor:
-    """Per unit, the smallest number of leading components whose cumulative EVR is ≥ ``evr``.
+EVR_RULES = ("strict", "inclusive")
+UNREACHABLE = ("all", "one")
 
-    The rule, with r the explained-variance ratios of one unit sorted decreasingly and
-    R_k = r_1 + … + r_k::
 
-        k = min{ k ∈ 1..K : R_k ≥ evr }      if the unit has any variance (Σ r > 0)
-        k = K                                 if no such k exists (R_K < evr: the target is
-                                              unreachable, e.g. float round-off at evr = 1 or
-                                              a basis already compacted below the target)
-        k = 0                                 if the unit has zero variance (all r = 0)
+def num_components_for_evr(ratio: torch.Tensor, evr: float, rule: str = "strict",
+                           unreachable: str = "all") -> torch.Tensor:
+    """Per unit, the number of leading components kept for a target explained-variance ratio.
 
-    Note the non-strict ``≥`` (sklearn's ``PCA(n_components=evr)`` uses a strict ``>``;
-    they differ only when a cumulative sum hits ``evr`` exactly).
+    With r the explained-variance ratios of one unit sorted decreasingly and R_k = r_1 + … + r_k::
+
+        rule="strict"     k = min{ k : R_k >  evr }   (the official ResiDual code; sklearn's
+                                                       PCA(n_components=evr) too)
+        rule="inclusive"  k = min{ k : R_k >= evr }   (they differ only when R_k hits evr exactly)
+
+    When no k qualifies (R_K does not pass evr: float round-off at evr = 1, or a basis already
+    truncated below the target): ``unreachable="all"`` keeps all K (the default);
+    ``unreachable="one"`` keeps 1, what the official code's ``(R > evr).argmax() + 1`` returns
+    (bug (c), reproduced with ``compat=official``).  A unit with zero variance (all r = 0) keeps 0
+    components with ``unreachable="all"``; with ``"one"`` it keeps 1, as the official code does.
 
     Args:
         ratio: explained-variance ratios, ``[K]`` or ``[U, K]``, each row sorted decreasingly.
@@ -73,15 +78,21 @@ def num_components_for_evr(ratio: torch.Tensor, evr: float) -> torch.Tensor:
     """
     if not 0.0 < float(evr) <= 1.0:
         raise ValueError(f"evr must be in (0, 1], got {evr!r}")
+    if rule not in EVR_RULES:
+        raise ValueError(f"EVR rule {rule!r}; valid: {', '.join(EVR_RULES)}")
+    if unreachable not in UNREACHABLE:
+        raise ValueError(f"unreachable={unreachable!r}; valid: {', '.join(UNREACHABLE)}")
     if ratio.ndim not in (1, 2):
         raise ValueError(f"ratio must be [K] or [U, K], got shape {tuple(ratio.shape)}")
     squeeze = ratio.ndim == 1
     r = ratio.unsqueeze(0) if squeeze else ratio  # [U, K]
     num_units, k_max = r.shape
     cum = r.to(torch.float64).cumsum(dim=1)  # [U, K]
-    reached = cum >= float(evr)  # [U, K]
+    reached = cum > float(evr) if rule == "strict" else cum >= float(evr)  # [U, K]
     # first True index + 1; argmax of a bool row returns the first True (0 if none).
     first = reached.to(torch.int8).argmax(dim=1) + 1  # [U]
+    if unreachable == "one":
+        return (first[0] if squeeze else first).to(torch.long)
     k = torch.where(reached.any(dim=1), first, torch.full_like(first, k_max))  # [U]
     has_variance = r.sum(dim=1) > 0  # [U]
     k = torch.where(has_variance, k, torch.zeros_like(k)).to(torch.long)
@@ -170,15 +181,16 @@ class PCABasis:
         return self.mask.sum(dim=1)
 
     # ------------------------------------------------------------------ pruning
-    def prune(self, evr: float | None = None, k: int | None = None) -> PCABasis:
+    def prune(self, evr: float | None = None, k: int | None = None, rule: str = "strict",
+              unreachable: str = "all") -> PCABasis:
         """Return a copy whose ``mask`` keeps, per unit, a prefix of the components.
 
         Exactly one rule (or none) applies, always recomputed from all K stored components
         (the current mask is ignored, so pruning twice does not compound):
 
-        - ``evr``: the smallest number of leading components with cumulative EVR ≥ ``evr``
-          (see :func:`num_components_for_evr` for the exact rule and its edge cases:
-          zero-variance units keep 0 components, an unreachable target keeps all K);
+        - ``evr``: the smallest number of leading components whose cumulative EVR passes
+          ``evr`` (``rule``: strict ``>``, the default, or inclusive ``>=``; see
+          :func:`num_components_for_evr` for ``unreachable`` and the other edge cases);
         - ``k``: the first ``min(k, K)`` components of every unit;
         - neither: keep all K.
 
@@ -188,7 +200,7 @@ class PCABasis:
             raise ValueError(f"pass at most one of evr={evr!r} and k={k!r}")
         num_units, k_max = self.mask.shape
         if evr is not None:
-            counts = num_components_for_evr(self.explained_variance_ratio, evr)  # [U]
+            counts = num_components_for_evr(self.explained_variance_ratio, evr, rule, unreachable)  # [U]
         elif k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise ValueError(f"k must be a non-negative int, got {k!r}")

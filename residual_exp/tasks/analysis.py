@@ -56,8 +56,10 @@ def analysis(cfg: DictConfig) -> int:
     return int(code or 0)
 
 
-def _session(cfg, a, model_cfg) -> Session:
-    return Session.open(cfg, model_cfg, progress=bool(a.progress), batch_size=a.get("batch_size"))
+def _session(cfg, a, model_cfg, units: str | None = None) -> Session:
+    s = Session.open(cfg, model_cfg, progress=bool(a.progress), batch_size=a.get("batch_size"))
+    s.backbone.use_convention(units or cfg.conventions.units)          # (a trained run's own units)
+    return s
 
 
 def _safe(s: str) -> str:
@@ -74,8 +76,7 @@ def run_intrinsic_dimension(cfg, a, out: Path) -> int:
                                threshold=a.variance_threshold, discard_fraction=a.discard_fraction,
                                estimator=a.estimator, chunk_size=a.chunk_size, progress=s.progress,
                                desc=f"intrinsic dimension {label}")
-        rows = [{"model": label, "dataset": cfg.dataset.name, "split": a.split, **r} for r in rows]
-        all_rows += rows
+        all_rows += (rows := [{"model": label, "dataset": cfg.dataset.name, "split": a.split, **r} for r in rows])
         profiles[label] = [{"model": label, **p} for p in layer_profiles(rows)]
         heads = [r for r in rows if r["kind"] == "head"]
         for key in ("linear_dim", "twonn") if heads else ():
@@ -207,7 +208,7 @@ def run_text_spans(cfg, a, out: Path) -> int:
     texts_all = ts.load_dictionary(a.dictionary) if a.dictionary else ts.default_dictionary()
     pcs_rows, span_rows, lines = [], [], []
     for label, mcfg in models:
-        s = _session(cfg, a, mcfg)
+        s = _session(cfg, a, mcfg, run.conventions.units if run is not None else None)   # the run's units
         if not s.backbone.has_text:
             print(f"text_spans needs a text tower; model {label} ({mcfg.name}) has none", file=sys.stderr)
             return 2

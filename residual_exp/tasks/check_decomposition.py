@@ -43,6 +43,7 @@ def check_decomposition(cfg) -> int:
     torch.manual_seed(int(task.seed))
 
     backbone = build_backbone(cfg.model).to(device=device, dtype=dtype).eval()
+    backbone.use_convention(cfg.get("conventions", {}).get("units", "official"))
     hooks_before = count_hooks(backbone)
     layout = backbone.layout
     counts = layout.counts()

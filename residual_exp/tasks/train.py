@@ -24,13 +24,14 @@ from ..methods import build_adapter, needs_bases
 from ..pipeline import Session
 from ..results import LAMBDA_FILE, results_table, save_lambda, write_results
 from ..runtime import run_dir_of
-from ..train.data import ImageItems, StreamedEncoded, batches, prepare_encoded
+from ..train.data import ImageItems, StreamedEncoded, batches, prepare_encoded, prepared_bytes
 from ..train.fit import fit_and_test, training_threads
 from ..train.loggers import build_logger, finish_logger
 from ..train.module import AdapterModule
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+EVAL_BATCH_GPU = 8192                # validation / test batches on a GPU (the metric does not depend on it)
 
 
 def train(cfg: DictConfig) -> int:
@@ -66,13 +67,16 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) 
     unit_basis = output_basis = None
     if needs_bases(cfg.method):
         unit_basis, output_basis = s.reference_bases()
-    adapter = build_adapter(cfg.method, s.backbone.layout, s.backbone.output_dim, unit_basis, output_basis,
-                            backbone=s.backbone, seed=cfg.seed).float()
-    data, in_loop = training_data(cfg, adapter, splits, enc)
-    loaders = {name: batches(d, cfg.method.batch_size, name == "train", cfg.trainer.num_workers, cfg.seed)
+    adapter = build_adapter(cfg.method, s.source, s.backbone.output_dim, unit_basis, output_basis,
+                            backbone=s.backbone, seed=cfg.seed, evr_rule=cfg.conventions.evr_rule,
+                            compat=cfg.compat).float().to(s.device)
+    data, in_loop = training_data(cfg, adapter, splits, enc, s.device)
+    eval_batch = cfg.method.batch_size if s.device == "cpu" else max(cfg.method.batch_size, EVAL_BATCH_GPU)
+    loaders = {name: batches(d, cfg.method.batch_size if name == "train" else eval_batch, name == "train",
+                             cfg.trainer.num_workers if in_loop else 0, cfg.seed)
                for name, d in data.items()}
     module = AdapterModule(adapter, head, cfg.method.lr, cfg.method.weight_decay, prepare_on_the_fly=in_loop,
-                           backbone=s.backbone)
+                           backbone=s.backbone, layout=s.layout)
     logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
     code = 1
     try:
@@ -91,13 +95,20 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) 
         finish_logger(logger, code)
 
 
-def training_data(cfg, adapter, splits: dict, enc: dict) -> tuple[dict, bool]:
-    """``({split: dataset}, prepare_on_the_fly)``: images (finetune, ``method.cache=false``),
-    the cache prepared once in memory, or — for encodings over the memory budget — raw rows
-    streamed from disk and prepared per batch."""
+def training_data(cfg, adapter, splits: dict, enc: dict, device: str) -> tuple[dict, bool]:
+    """``({split: dataset}, prepare_on_the_fly)``: images (finetune, ``method.cache=false``); the
+    cache prepared once and kept on the training device when it fits there (no per-step
+    host→device copies); otherwise the stored rows streamed in batches (from memmaps when over
+    ``cache.memory_budget_gb``) and prepared per batch."""
     if cfg.method.name == "finetune" or not cfg.method.cache:
         return {name: ImageItems(splits[name]) for name in splits}, True
-    stream = any(isinstance(e.units, np.memmap) for e in enc.values())
-    if stream:
-        return {name: StreamedEncoded(e, adapter.needs, torch.float32) for name, e in enc.items()}, True
-    return {name: prepare_encoded(adapter, e, torch.float32) for name, e in enc.items()}, False
+    need = sum(prepared_bytes(adapter, e, torch.float32) for e in enc.values())
+    if device.startswith("cuda"):
+        budget = torch.cuda.mem_get_info(torch.device(device))[0] * 0.5
+    else:
+        budget = cfg.cache.memory_budget_gb * 2**30
+    if any(e.streamed for e in enc.values()) or need > budget:
+        log.info("prepared training data would take %.2f GiB > %.2f GiB available: streaming and preparing "
+                 "per batch", need / 2**30, budget / 2**30)
+        return {name: StreamedEncoded(e, torch.float32, device) for name, e in enc.items()}, True
+    return {name: prepare_encoded(adapter, e, torch.float32, device=device) for name, e in enc.items()}, False

@@ -29,20 +29,19 @@ class TensorDictDataset(Dataset):
 
 
 class StreamedEncoded(Dataset):
-    """Rows of an :class:`Encoded` read from its memmaps batch by batch (raw units)."""
+    """Rows of an :class:`Encoded` read batch by batch (memmaps when the encoding is over the
+    memory budget): the stored tensors, prepared per batch by the module."""
 
-    def __init__(self, enc: Encoded, needs: str, dtype: torch.dtype) -> None:
-        self.enc, self.needs, self.dtype = enc, needs, dtype
+    def __init__(self, enc: Encoded, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+        self.enc, self.dtype, self.device = enc, dtype, device
 
     def __len__(self) -> int:
         return len(self.enc)
 
     def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
         i = np.sort(np.asarray(idx))           # sorted reads are kinder to the disk
-        out = {"label": torch.from_numpy(self.enc.labels[i])}
-        out["feature"] = torch.from_numpy(np.asarray(self.enc.features[i])).to(self.dtype)
-        if self.needs == "units":
-            out["units"] = torch.from_numpy(np.asarray(self.enc.units[i])).to(self.dtype)
+        out = self.enc.batch(i, self.device, self.dtype)
+        out["label"] = torch.from_numpy(self.enc.labels[i]).to(self.device)
         return out
 
 
@@ -64,17 +63,22 @@ class ImageItems(Dataset):
 @torch.no_grad()
 def prepare_encoded(adapter, enc: Encoded, dtype: torch.dtype, chunk: int = 1024,
                     device: str | torch.device = "cpu", progress: bool = False) -> TensorDictDataset:
-    """Apply ``adapter.prepare`` once to a whole cached encoding (chunked), keep it in memory."""
+    """Apply ``adapter.prepare`` once to a whole cached encoding (chunked) and keep the result
+    on ``device`` (the training device: no per-step host→device copies)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for s in tqdm(range(0, len(enc), chunk), desc="prepare", disable=not progress, leave=False):
-        feats = torch.from_numpy(np.asarray(enc.features[s:s + chunk])).to(device, dtype)
-        units = (torch.from_numpy(np.asarray(enc.units[s:s + chunk])).to(device, dtype)
-                 if adapter.needs == "units" else None)
-        for k, v in adapter.prepare(units, feats).items():
-            parts.setdefault(k, []).append(v.cpu())
+        for k, v in adapter.prepare(enc.batch(slice(s, s + chunk), device, dtype)).items():
+            parts.setdefault(k, []).append(v.to(dtype) if v.is_floating_point() else v)
     tensors = {k: torch.cat(v) for k, v in parts.items()}
-    tensors["label"] = torch.from_numpy(np.asarray(enc.labels)).long()
+    tensors["label"] = torch.from_numpy(np.asarray(enc.labels)).long().to(device)
     return TensorDictDataset(tensors)
+
+
+def prepared_bytes(adapter, enc: Encoded, dtype: torch.dtype) -> int:
+    """Bytes :func:`prepare_encoded` would hold for ``enc`` (from one prepared row)."""
+    with torch.no_grad():
+        one = adapter.prepare(enc.batch(slice(0, 1), "cpu", dtype))
+    return int(sum(v.numel() * v.element_size() for v in one.values()) * len(enc))
 
 
 def batches(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:

@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
+from ..encode import storage_arrays
+
 
 class AdapterModule(pl.LightningModule):
     def __init__(self, adapter, head, lr: float, weight_decay: float = 0.0,
-                 prepare_on_the_fly: bool = False, backbone=None) -> None:
+                 prepare_on_the_fly: bool = False, backbone=None, layout: str = "lowrank") -> None:
         super().__init__()
         self.adapter = adapter
+        self.layout = layout              # what the live backbone output is read as (cache.layout)
         # frozen backbone for the backbone-in-the-loop mode; kept out of the state dict
         self._backbone = (backbone,)
         self.head = head
@@ -43,10 +46,8 @@ class AdapterModule(pl.LightningModule):
                     if "images" in inputs:   # backbone in the loop: decompose live, then prepare
                         bb = self._backbone[0]
                         images = inputs["images"].to(next(bb.parameters()).dtype)
-                        units, feature = bb.decompose(images)
-                    else:                    # streamed cache: raw rows, prepared per batch
-                        units, feature = inputs.get("units"), inputs.get("feature")
-                    inputs = self.adapter.prepare(units, feature)
+                        inputs = storage_arrays(bb, images, self.layout)
+                    inputs = self.adapter.prepare(inputs)   # (streamed cache: stored rows, prepared per batch)
         return self.head(self.adapter(**inputs))
 
     def _step(self, batch: dict, metric) -> torch.Tensor:

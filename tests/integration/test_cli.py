@@ -30,10 +30,10 @@ def test_default_pipeline_writes_results_json(tmp_path):
         assert set(RESULT_KEYS) <= set(r), set(RESULT_KEYS) - set(r)
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["model"] == "tiny_clip"
     assert records[0]["trainable_params"] == 0
-    assert records[1]["trainable_params"] == (16 + 4) * 64
+    assert records[1]["trainable_params"] == 16 * 32 + 4 * 64           # rank-aware: head_dim per head, D per MLP
     assert records[0]["test_accuracy"] == records[1]["zero_shot_test_accuracy"]
     run_dir = runs[0].parent
-    assert (run_dir / "lambda.safetensors").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "lambda.safetensors").exists() and (run_dir / "config.json").exists()
     assert "zero-shot test" in proc.stdout and "residual_full" in proc.stdout   # the printed table
     # caches were written and are reused by a second run (no re-encoding)
     assert list((tmp_path / "outputs" / "cache" / "encodings").glob("*.json"))

@@ -128,7 +128,7 @@ def _interrupt_and_resume(tmp_path, common, root, sweep, store, ref_root, ref_pr
     # a killed job leaves no complete-looking cache entry: every visible entry is whole
     for entry in (root / "outputs" / "cache" / "encodings").iterdir():
         if entry.is_dir() and not entry.name.startswith("."):
-            assert {"units.npy", "features.npy", "labels.npy"} <= {p.name for p in entry.iterdir()}
+            assert {"z.npy", "vec.npy", "stats.npy", "feature.npy", "labels.npy"} <= {p.name for p in entry.iterdir()}
 
     # 2. restart the same command: finished jobs are copied, the rest run
     proc2 = cli([*common, f"hydra.sweep.dir={sweep}"], root)

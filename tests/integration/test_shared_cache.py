@@ -112,7 +112,7 @@ def test_submitit_local_launcher_runs_a_sweep_on_one_machine(tmp_path):
     cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "logger=none",
          "method=base,residual_coarse", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
     results = {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("results.json")}
-    assert sorted(results) == ["0-tiny_clip-shapes_shape-base", "1-tiny_clip-shapes_shape-residual_coarse"]
-    assert results["1-tiny_clip-shapes_shape-residual_coarse"][-1]["method"] == "residual_coarse"
+    assert sorted(results) == ["0-tiny_clip-shapes_shape-base-s0", "1-tiny_clip-shapes_shape-residual_coarse-s0"]
+    assert results["1-tiny_clip-shapes_shape-residual_coarse-s0"][-1]["method"] == "residual_coarse"
     assert len(list((sweep / ".submitit").rglob("*_log.out"))) == 2
     assert len(list((tmp_path / "outputs" / "results").glob("*.json"))) == 2

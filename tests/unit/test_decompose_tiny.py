@@ -100,21 +100,25 @@ CASES = {
 
 
 # --- exactness --------------------------------------------------------------------------
+@pytest.mark.parametrize("convention", ["official", "centred"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_units_sum_to_feature(case):
+def test_units_sum_to_feature(case, convention):
     factory, L, H, D = CASES[case]
-    bb = factory()
+    bb = factory().use_convention(convention)
     x = images(size=bb.image_size)
     with torch.no_grad():
         plain = bb.encode_image(x)
         units, feature = bb.decompose(x)
-    assert units.shape == (2, 1 + L * (H + 1) + 2, D)
+    consts = 2 if convention == "centred" else 0
+    assert units.shape == (2, 1 + L * (H + 1) + consts, D)
     assert feature.shape == (2, D)
     assert (units.sum(1) - feature).abs().max().item() <= ATOL
     assert torch.equal(plain, feature) or (plain - feature).abs().max().item() <= ATOL
     assert feature.abs().max().item() > 1e-3           # not trivially zero
-    assert bb.layout.counts() == {"embed": 1, "head": L * H, "mlp": L, "const": 2}
-    assert bb.layout.names[1] == "L0H0" and bb.layout.names[-2:] == ("attn_bias", "out_bias")
+    assert bb.layout.counts() == {"embed": 1, "head": L * H, "mlp": L, "const": consts}
+    assert bb.layout.names[1] == "L0H0"
+    if consts:
+        assert bb.layout.names[-2:] == ("attn_bias", "out_bias")
     assert count_hooks(bb) == 0
 
 
@@ -359,7 +363,7 @@ def test_check_decomposition_task(capsys):
     from residual_exp.tasks.check_decomposition import check_decomposition
     assert check_decomposition(_task_cfg(TIMM_CFG)) == 0
     out = capsys.readouterr().out
-    assert "1 embed + 8 head + 2 mlp + 2 const" in out and "OK" in out
+    assert "1 embed + 8 head + 2 mlp + 0 const" in out and "OK" in out        # official units
     assert check_decomposition(_task_cfg(BLIP_CFG, dtype="float32", tolerance=1e-5)) == 0
     assert check_decomposition(_task_cfg(TIMM_CFG, tolerance=-1.0)) == 1
     assert "FAIL: relative error" in capsys.readouterr().out

@@ -7,13 +7,15 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from residual_exp.classifiers import ClassifierHead
+from residual_exp.decompose.readout import DenseSource
 from residual_exp.decompose.units import UnitLayout
 from residual_exp.methods import SpectralReweighting, build_adapter
-from residual_exp.spectral import StreamingPCA
+from residual_exp.spectral import GroupPCA, StreamingPCA
 
 L, H, D = 2, 3, 8
 LAYOUT = UnitLayout.vit(L, H)                      # 1 + 2·(3 + 1) + 2 = 11 units
 U = len(LAYOUT)
+SRC = DenseSource(LAYOUT, D, head_dim=D, width=D, dtype=torch.float64)     # every unit may span D dims
 
 
 def _method(name, **kw):
@@ -22,10 +24,19 @@ def _method(name, **kw):
     return OmegaConf.create({**base, **kw})
 
 
-def _bases(units: torch.Tensor, feature: torch.Tensor):
-    pu, po = StreamingPCA(U, D), StreamingPCA(1, D)
-    pu.update(units); po.update(feature[:, None])
+def _bases(units: torch.Tensor, feature: torch.Tensor, source=SRC):
+    pu, po = GroupPCA(source), StreamingPCA(1, D)
+    pu.update({"units": units, "feature": feature}); po.update(feature[:, None])
     return pu.finalize(), po.finalize()
+
+
+def _sel(ub, kinds="heads"):
+    idx = LAYOUT.indices(kinds)
+    return idx, [(g, i, b) for g, i, b in ub.blocks(idx)]
+
+
+def _batch(units, feature):
+    return {"units": units, "feature": feature}
 
 
 @pytest.fixture(scope="module")
@@ -42,56 +53,63 @@ def test_parameter_counts_match_the_formulas(data):
     units, feature = data
     ub, ob = _bases(units, feature)
     heads, mlps = L * H, L
-    count = lambda name, **kw: build_adapter(_method(name, **kw), LAYOUT, D, ub, ob).trainable_params()
+    count = lambda name, **kw: build_adapter(_method(name, **kw), SRC, D, ub, ob).trainable_params()
     assert count("base") == 0
-    assert count("linear_adapter") == D * D + D
+    assert count("linear_adapter", init="default") == D * D + D
     assert count("spectral_adapter") == D
     assert count("residual_coarse") == heads
     assert count("residual_full", units="heads+mlps", others="add") == (heads + mlps) * D
     kept = ub.select(LAYOUT.indices("heads")).prune(evr=0.9).kept()
     assert count("residual_fine", evr=0.9) == int(kept.sum()) < heads * D
     assert count("residual_fine", k=3) == heads * 3
+    # rank-aware: heads of head_dim 2 keep 2 components each (the official accounting)
+    narrow = DenseSource(LAYOUT, D, head_dim=2, width=D, dtype=torch.float64)
+    ub2, _ = _bases(units, feature, narrow)
+    full = build_adapter(_method("residual_full", units="heads+mlps", others="add"), narrow, D, ub2, ob)
+    assert full.trainable_params() == heads * 2 + mlps * D
 
 
 def test_lambda_one_all_components_reproduces_centred_units(data):
     units, feature = data
     ub, _ = _bases(units, feature)
-    sel = LAYOUT.indices("heads+mlps")
-    ad = SpectralReweighting(ub.select(sel), sel, U, others="drop", init="ones").double()
-    out = ad(**ad.prepare(units, feature))
+    sel, blocks = _sel(ub, "heads+mlps")
+    ad = SpectralReweighting(blocks, SRC, U, others="drop", init="ones").double()
+    out = ad(**ad.prepare(_batch(units, feature)))
     expected = (units[:, sel] - ub.mean[sel]).sum(1)
     assert (out - expected).abs().max() <= 1e-10
     # others="add" puts the rest back unchanged: feature minus the selected units' means
-    ad = SpectralReweighting(ub.select(sel), sel, U, others="add", init="ones").double()
-    out = ad(**ad.prepare(units, feature))
+    ad = SpectralReweighting(blocks, SRC, U, others="add", init="ones").double()
+    out = ad(**ad.prepare(_batch(units, feature)))
     assert (out - (feature - ub.mean[sel].sum(0))).abs().max() <= 1e-10
 
 
 def test_dropped_value_one_passes_pruned_components_through(data):
     units, feature = data
     ub, _ = _bases(units, feature)
-    sel = LAYOUT.indices("heads")
-    ad = SpectralReweighting(ub.select(sel).prune(k=1), sel, U, dropped_value=1.0, init="ones").double()
-    out = ad(**ad.prepare(units, feature))
+    sel, blocks = _sel(ub)
+    blocks = [(g, i, b.prune(k=1)) for g, i, b in blocks]
+    ad = SpectralReweighting(blocks, SRC, U, dropped_value=1.0, init="ones").double()
+    assert ad.trainable_params() == len(sel)
+    out = ad(**ad.prepare(_batch(units, feature)))
     assert (out - (units[:, sel] - ub.mean[sel]).sum(1)).abs().max() <= 1e-10
 
 
 def test_init_options(data):
     units, feature = data
     ub, _ = _bases(units, feature)
-    sel = LAYOUT.indices("heads")
-    ad = SpectralReweighting(ub.select(sel), sel, U, init="eigenvalues")
+    sel, blocks = _sel(ub)
+    ad = SpectralReweighting(blocks, SRC, U, init="eigenvalues")
     lam = ad.lambdas()
     assert torch.allclose(lam[:, 0], torch.ones(len(sel), dtype=lam.dtype))  # normalised by the top one
     assert (lam[:, :-1] >= lam[:, 1:] - 1e-12).all()
     g = torch.Generator().manual_seed(0)
-    lam = SpectralReweighting(ub.select(sel), sel, U, init="normal", generator=g).lam
+    lam = SpectralReweighting(blocks, SRC, U, init="normal", generator=g).lam
     lam = lam.detach()
     assert abs(float(lam.mean()) - 1) < 0.2 and abs(float(lam.std()) - 1) < 0.2
     with pytest.raises(ValueError, match="method.init"):
-        SpectralReweighting(ub.select(sel), sel, U, init="zeros")
+        SpectralReweighting(blocks, SRC, U, init="zeros")
     with pytest.raises(ValueError, match="method.others"):
-        SpectralReweighting(ub.select(sel), sel, U, others="keep")
+        SpectralReweighting(blocks, SRC, U, others="keep")
 
 
 def test_planted_signal_lambda_learns_the_informative_pc():
@@ -117,13 +135,13 @@ def test_planted_signal_lambda_learns_the_informative_pc():
     ub, _ = _bases(reference, reference.sum(1))
     units, labels = sample(5.0)
     feature = units.sum(1)
-    d = ub.components[target, pc]
+    d = ub.select([target]).components[0, pc]
     d = d * torch.sign(d @ rot[target][:, pc])                           # class 1 along +d
     head = ClassifierHead(torch.stack([-d, d]).float(), scale=10.0)
     zs = (head(feature.float()).argmax(-1) == labels).double().mean()
-    sel = LAYOUT.indices("heads")
-    ad = SpectralReweighting(ub.select(sel), sel, U, init="ones").float()
-    prep = {k: v.float() for k, v in ad.prepare(units.float(), feature.float()).items()}
+    sel, blocks = _sel(ub)
+    ad = SpectralReweighting(blocks, SRC, U, init="ones").float()
+    prep = {k: v.float() for k, v in ad.prepare(_batch(units.float(), feature.float())).items()}
     opt = torch.optim.Adam(ad.parameters(), lr=0.05)
     losses = []
     for _ in range(300):

@@ -17,8 +17,8 @@ def test_tiny_clip_units_sum_to_image_feature_float64():
     with torch.no_grad():
         units, feature = bb.decompose(x)
         plain = bb.encode_image(x)
-    assert units.shape == (4, 1 + 4 * 4 + 4 + 2, 64)
-    assert bb.layout.counts() == {"embed": 1, "head": 16, "mlp": 4, "const": 2}
+    assert units.shape == (4, 1 + 4 * 4 + 4, 64)                 # official units: no constant units
+    assert bb.layout.counts() == {"embed": 1, "head": 16, "mlp": 4, "const": 0}
     assert (units.sum(1) - feature).abs().max() <= 1e-10
     # the instance forward computes attention with SDPA instead of MHA's kernel: same maths
     assert (feature - plain).abs().max() <= 1e-12

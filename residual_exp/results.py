@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 RESULT_KEYS = ("model", "dataset", "method", "trainable_params", "val_accuracy", "test_accuracy",
                "zero_shot_val_accuracy", "zero_shot_test_accuracy", "seed", "wall_seconds")
+CONVENTION_KEYS = ("units_convention", "classifier", "evr_rule", "compat", "cache_layout")   # FIDELITY.md
 LAMBDA_FILE = "lambda.safetensors"
 RUN_CONFIG_FILE = "config.json"
 

@@ -75,7 +75,7 @@ def head_zero_shot(units, labels, head_idx: Sequence[int], classifier: Callable,
 
 @torch.no_grad()
 def text_alignment(head_basis: PCABasis, class_weights: torch.Tensor, weighted: bool = True,
-                   evr: float | None = 0.9) -> np.ndarray:
+                   evr: float | None = 0.9, **options) -> np.ndarray:
     """``[H]``: spectral cosine between each head's basis and the class-embedding basis.
 
     ``head_basis`` holds the H heads' PCA bases; ``class_weights`` ``[C, D]`` are the
@@ -90,7 +90,7 @@ def text_alignment(head_basis: PCABasis, class_weights: torch.Tensor, weighted: 
     text = (text.prune(k=w.shape[0] - 1) if evr is None else text.prune(evr=evr)).compact()   # [1, ≤C−1, D]
     text = text.select([0] * head_basis.num_units)                        # the same basis H times
     return unit_similarity(head_basis, text.to(dtype=head_basis.components.dtype), weighted=weighted,
-                           evr=evr).cpu().numpy()
+                           evr=evr, **options).cpu().numpy()
 
 
 @torch.no_grad()
@@ -195,7 +195,7 @@ def head_basis(units, head_idx: Sequence[int], chunk: int = 1024) -> PCABasis:
 
 
 def head_scores(which: Sequence[str], units, features, labels, head_idx: Sequence[int], classifier,
-                evr: float | None = 0.9, progress: bool = False) -> dict[str, np.ndarray]:
+                evr: float | None = 0.9, progress: bool = False, **options) -> dict[str, np.ndarray]:
     """``{score: [H]}`` for the requested scores (see the module docstring), in ``SCORES`` order."""
     bad = [s for s in which if s not in SCORES]
     if bad:
@@ -204,7 +204,7 @@ def head_scores(which: Sequence[str], units, features, labels, head_idx: Sequenc
     if "zero_shot" in which:
         out["zero_shot"] = head_zero_shot(units, labels, head_idx, classifier, progress)
     if "text_alignment" in which:
-        out["text_alignment"] = text_alignment(head_basis(units, head_idx), classifier.weight, True, evr)
+        out["text_alignment"] = text_alignment(head_basis(units, head_idx), classifier.weight, True, evr, **options)
     if "output_correlation" in which:
         out["output_correlation"] = output_correlation(units, features, head_idx, progress)
     return out

@@ -1,7 +1,8 @@
 """Spectral similarity of units across datasets and across models (tables and grids).
 
 Builds on :func:`~residual_exp.spectral.unit_similarity` / :func:`~residual_exp.spectral.cross_similarity`
-(normalised spectral cosine between EVR-pruned PCA bases, weighted by sqrt eigenvalues or not).
+(normalised spectral cosine between EVR-pruned PCA bases; weights and variants per
+``conventions``, see :func:`similarity_options`).
 
 Across datasets (same model). Unit u's basis fitted on the reference set and on dataset X live
 in the same space (the model's output space), so the spectral cosine of the two bases directly
@@ -70,11 +71,20 @@ def summary_row(model: str, dataset: str, variant: str, names: Sequence[str], si
             "min_unit": "" if empty else names[int(np.argmin(sims))]}
 
 
-def dataset_similarity(ref: PCABasis, other: PCABasis, indices: Sequence[int], weighted: bool,
-                       evr: float | None) -> np.ndarray:
-    """Spectral cosine of unit ``indices[i]`` between ``ref`` and ``other`` → ``[len(indices)]``."""
+def similarity_options(cfg) -> dict:
+    """Keyword arguments of the spectral cosine for a job's ``conventions`` and ``compat``."""
+    from ..methods import prune_rule
+    c = cfg.conventions
+    return {"weighting": c.similarity_weights, "unweighted": c.similarity_unweighted,
+            "prune_kwargs": prune_rule(c.evr_rule, cfg.compat)}
+
+
+def dataset_similarity(ref, other, indices: Sequence[int], weighted: bool, evr: float | None,
+                       **options) -> np.ndarray:
+    """Spectral cosine of unit ``indices[i]`` between ``ref`` and ``other`` → ``[len(indices)]``
+    (``options``: :func:`similarity_options`)."""
     idx = list(indices)
-    return unit_similarity(ref.select(idx), other.select(idx), weighted=weighted, evr=evr).cpu().numpy()
+    return unit_similarity(ref.select(idx), other.select(idx), weighted=weighted, evr=evr, **options).cpu().numpy()
 
 
 def similarity_rows(model: str, dataset: str, variant: str, names: Sequence[str], layers: Sequence[int],
@@ -129,7 +139,7 @@ def profile_correlation(profiles: Mapping[str, Mapping[str, np.ndarray]]) -> lis
 
 
 def cross_model_grid(basis_a: PCABasis, idx_a: Sequence[int], basis_b: PCABasis, idx_b: Sequence[int],
-                     weighted: bool, evr: float | None) -> np.ndarray:
+                     weighted: bool, evr: float | None, **options) -> np.ndarray:
     """``[len(idx_a), len(idx_b)]`` spectral cosine between units of two models (``raw`` mode).
 
     Raises ``ValueError`` when the output dims differ: there is no common space to compare in.
@@ -138,11 +148,11 @@ def cross_model_grid(basis_a: PCABasis, idx_a: Sequence[int], basis_b: PCABasis,
         raise ValueError(f"output dims differ ({basis_a.dim} vs {basis_b.dim}): units of the two models "
                          "live in different spaces; use cross_model=profile")
     out = cross_similarity(basis_a.select(list(idx_a)), basis_b.select(list(idx_b)).to(
-        device=basis_a.mean.device), weighted=weighted, evr=evr)
+        device=basis_a.mean.device), weighted=weighted, evr=evr, **options)
     return out.cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
 
 
-def raw_cross_model(head_bases: Mapping[str, tuple[PCABasis, object]]) -> tuple[list[dict], dict[str, np.ndarray]]:
+def raw_cross_model(head_bases: Mapping[str, tuple[PCABasis, object]], **options) -> tuple[list[dict], dict[str, np.ndarray]]:
     """``cross_model=raw`` for every two models: ``(rows, grids)``.  ``head_bases[label]`` is
     ``(basis of the model's heads, its UnitLayout)``.  Rows name, per head of model a, the most
     similar head of model b (and the similarity to the head of the same name); models with other
@@ -156,7 +166,7 @@ def raw_cross_model(head_bases: Mapping[str, tuple[PCABasis, object]]) -> tuple[
                 rows.append({"model_a": la, "model_b": lb, "note": f"output dims differ ({ba.dim} vs {bb.dim}): "
                              "different spaces, not compared"})
                 continue
-            grid = cross_model_grid(ba, range(ba.num_units), bb, range(bb.num_units), True, None)
+            grid = cross_model_grid(ba, range(ba.num_units), bb, range(bb.num_units), True, None, **options)
             grids[f"{la} × {lb}"] = grid
             names_a = [n for n, k in zip(lay_a.names, lay_a.kinds) if k == "head"]
             names_b = [n for n, k in zip(lay_b.names, lay_b.kinds) if k == "head"]

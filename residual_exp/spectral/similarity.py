@@ -1,52 +1,46 @@
 """Normalised spectral cosine similarity between the PCA bases of residual units.
 
-Definition (follows ``normalized_spectral_cosine`` in the official ResiDual code,
-github.com/Flegyas/ResiDual, ``residual/decomposition/unit_distance.py``). Given two bases
-with orthonormal rows Φ ∈ R^{K1×D}, Ψ ∈ R^{K2×D} and non-negative weights w ∈ R^{K1},
-v ∈ R^{K2} (w = v = 1 for the unweighted variant)::
+Definition (the official ResiDual code's ``normalized_spectral_cosine``, github.com/Flegyas/ResiDual,
+``residual/decomposition/unit_distance.py``, re-derived). Given two bases with orthonormal
+rows Φ ∈ R^{K1×D}, Ψ ∈ R^{K2×D} and non-negative weights w ∈ R^{K1}, v ∈ R^{K2}::
 
     C_ij  = w_i · v_j · |⟨Φ_i, Ψ_j⟩|                       weighted |cosine| matrix, [K1, K2]
     greedy matching on C: k = min(K1, K2) times, take the largest remaining entry
     C_{i_t j_t} and delete its row i_t and column j_t; s_t = C_{i_t j_t}
     score = sqrt(Σ_t s_t²) / sqrt(Σ_{t<k} (w↓_t · v↓_t)²)
 
-where w↓, v↓ are the weights sorted decreasingly. Unweighted this is the root mean square
-of the k matched |cosines|: ``sqrt(Σ_t cos_t² / k)``.
+where w↓, v↓ are the weights sorted decreasingly (identical to the official ``‖diag(w vᵀ)‖₂``
+for PCA weights, which already are sorted; sorting keeps the [0, 1] bound for any order).
 
-Properties (tested): invariant to the sign of every component and to reordering
-components together with their weights; exactly 1 when both bases are the same set of
-directions with the same weights; 0 for orthogonal subspaces; always in [0, 1] (by the
-rearrangement inequality, any matching's Σ (w_i v_j)² is at most Σ_t (w↓_t v↓_t)², and
-|cos| ≤ 1). It compares *bases*, not bare subspaces: a rotation of the basis inside the
-same subspace lowers the score.
+Choices (``conventions.similarity_weights`` / ``conventions.similarity_unweighted``):
 
-Differences from the official code, both deliberate:
-- the normaliser uses the weights sorted decreasingly (identical to the official
-  ``‖diag(w vᵀ)‖₂`` for PCA weights, which already are sorted) so the [0, 1] bound holds
-  for any weight order;
-- the unweighted variant uses w = v = 1 (the official code multiplies C by an identity
-  matrix, which only compares the i-th component with the i-th one and so is not
-  invariant to component order).
+* ``weighting="eigenvalues"`` (default, the official configuration of the paper's figures:
+  weights = squared singular values ∝ eigenvalues) or ``"sqrt_eigenvalues"`` (∝ singular
+  values; this project's earlier choice);
+* unweighted ``"diagonal"`` (default, official: C is multiplied by an identity, so component i is
+  compared with component i only: ``score = sqrt(Σ_{i<k} cos_ii² / k)``) or ``"matched"`` (w = v = 1
+  with the greedy matching over all pairs: invariant to the order of the components).
 
-Weights for :func:`unit_similarity` / :func:`cross_similarity` with ``weighted=True`` are
-sqrt(eigenvalues), i.e. proportional to the singular values of the centred data
-(σ_i = sqrt((n − 1) λ_i)); the overall scale of w and v cancels.
-
-Degenerate pairs (k = 0 kept components, or a zero normaliser because all weights are 0)
-score 0.
+Properties (tested): invariant to the sign of every component; the ``matched`` and weighted
+variants also to reordering components together with their weights; exactly 1 when both bases
+are the same set of directions with the same weights; 0 for orthogonal subspaces; in [0, 1].
+It compares *bases*, not bare subspaces: a rotation of the basis inside the same subspace
+lowers the score.  Degenerate pairs (k = 0 kept components, or a zero normaliser) score 0.
 
 Cost: the greedy matching is vectorised over pairs but sequential over matches,
 O(P · K1 · K2 · min(K1, K2)) for P pairs; prune first (``evr=0.9`` keeps a few dozen
 components per head) rather than matching full 768-component bases.
 """
-
 from __future__ import annotations
 
 import torch
 
 from .pca import PCABasis
 
-__all__ = ["spectral_cosine", "unit_similarity", "cross_similarity", "greedy_match"]
+__all__ = ["spectral_cosine", "unit_similarity", "cross_similarity", "greedy_match", "WEIGHTINGS", "UNWEIGHTED"]
+
+WEIGHTINGS = ("eigenvalues", "sqrt_eigenvalues")
+UNWEIGHTED = ("diagonal", "matched")
 
 
 def greedy_match(scores: torch.Tensor, valid_rows: torch.Tensor, valid_cols: torch.Tensor) -> torch.Tensor:
@@ -168,17 +162,44 @@ def spectral_cosine(
     return float(score[0])
 
 
-def _prepared(basis: PCABasis, evr: float | None, weighted: bool, dtype: torch.dtype):
+def _diagonal_score(cos: torch.Tensor, valid_a: torch.Tensor, valid_b: torch.Tensor) -> torch.Tensor:
+    """The official unweighted score: ``sqrt(Σ_{i<k} cos_ii² / k)``, k = min(#kept_a, #kept_b)
+    (kept components are a prefix).  ``cos`` ``[P, K1, K2]`` → ``[P]``."""
+    k = torch.minimum(valid_a.sum(1), valid_b.sum(1))                     # [P]
+    m = min(cos.shape[1], cos.shape[2])
+    diag = torch.diagonal(cos[:, :m, :m], dim1=1, dim2=2)                 # [P, m]
+    on = torch.arange(m, device=cos.device)[None] < k[:, None]            # [P, m]
+    num = (diag.where(on, torch.zeros_like(diag)) ** 2).sum(1)
+    safe = torch.where(k > 0, k, torch.ones_like(k)).to(cos.dtype)
+    return torch.where(k > 0, (num / safe).sqrt(), torch.zeros_like(num)).clamp(0.0, 1.0)
+
+
+def _check_options(weighting: str, unweighted: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"similarity weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    if unweighted not in UNWEIGHTED:
+        raise ValueError(f"unweighted similarity {unweighted!r}; valid: {', '.join(UNWEIGHTED)}")
+
+
+def _prepared(basis: PCABasis, evr: float | None, weighted: bool, dtype: torch.dtype,
+              weighting: str = "eigenvalues", prune_kwargs: dict | None = None):
     """Prune (if ``evr``), compact, and return (components, weights, mask) in ``dtype``."""
     if evr is not None:
-        basis = basis.prune(evr=evr)
+        basis = basis.prune(evr=evr, **(prune_kwargs or {}))
     basis = basis.compact()
     comps = basis.components.to(dtype)  # [U, K, D]
     if weighted:
-        weights = basis.eigenvalues.to(dtype).clamp_min(0).sqrt()  # [U, K]
+        eig = basis.eigenvalues.to(dtype).clamp_min(0)
+        weights = eig if weighting == "eigenvalues" else eig.sqrt()  # [U, K]
     else:
         weights = torch.ones_like(basis.eigenvalues, dtype=dtype)  # [U, K]
     return comps, weights, basis.mask
+
+
+def _scores(cos, w_a, w_b, m_a, m_b, weighted: bool, unweighted: str) -> torch.Tensor:
+    if not weighted and unweighted == "diagonal":
+        return _diagonal_score(cos, m_a, m_b)
+    return _score_from_cos(cos, w_a, w_b, m_a, m_b)
 
 
 def _check_pair(basis_a: PCABasis, basis_b: PCABasis) -> torch.dtype:
@@ -191,20 +212,23 @@ def _check_pair(basis_a: PCABasis, basis_b: PCABasis) -> torch.dtype:
 
 @torch.no_grad()
 def unit_similarity(
-    basis_a: PCABasis, basis_b: PCABasis, weighted: bool = True, evr: float | None = 0.9
+    basis_a: PCABasis, basis_b: PCABasis, weighted: bool = True, evr: float | None = 0.9,
+    weighting: str = "eigenvalues", unweighted: str = "diagonal", prune_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Spectral cosine of unit u of ``basis_a`` with unit u of ``basis_b`` -> ``[U]``.
 
-    Each basis is first pruned with ``prune(evr=evr)`` (``evr=None`` keeps the bases'
-    current masks). ``weighted`` uses sqrt(eigenvalue) weights, else w = 1.
+    Each basis is first pruned with ``prune(evr=evr, **prune_kwargs)`` (``evr=None`` keeps the
+    bases' current masks). ``weighted`` uses ``weighting`` weights (module docstring), else the
+    ``unweighted`` variant.
     """
+    _check_options(weighting, unweighted)
     if basis_a.num_units != basis_b.num_units:
         raise ValueError(f"bases must have the same U, got {basis_a.num_units} and {basis_b.num_units}")
     dtype = _check_pair(basis_a, basis_b)
-    comp_a, w_a, m_a = _prepared(basis_a, evr, weighted, dtype)
-    comp_b, w_b, m_b = _prepared(basis_b, evr, weighted, dtype)
+    comp_a, w_a, m_a = _prepared(basis_a, evr, weighted, dtype, weighting, prune_kwargs)
+    comp_b, w_b, m_b = _prepared(basis_b, evr, weighted, dtype, weighting, prune_kwargs)
     cos = torch.bmm(comp_a, comp_b.transpose(1, 2)).abs()  # [U, Ka, Kb]
-    return _score_from_cos(cos, w_a, w_b, m_a, m_b)  # [U]
+    return _scores(cos, w_a, w_b, m_a, m_b, weighted, unweighted)  # [U]
 
 
 @torch.no_grad()
@@ -214,15 +238,19 @@ def cross_similarity(
     weighted: bool = True,
     evr: float | None = 0.9,
     max_elements: int = 1 << 24,
+    weighting: str = "eigenvalues",
+    unweighted: str = "diagonal",
+    prune_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Spectral cosine between every unit of ``basis_a`` and every unit of ``basis_b`` -> ``[Ua, Ub]``.
 
     Same pruning and weights as :func:`unit_similarity`. Pairs are processed in chunks of
     at most ``max_elements`` entries of the ``[P, Ka, Kb]`` cosine tensor.
     """
+    _check_options(weighting, unweighted)
     dtype = _check_pair(basis_a, basis_b)
-    comp_a, w_a, m_a = _prepared(basis_a, evr, weighted, dtype)  # [Ua, Ka, D] ...
-    comp_b, w_b, m_b = _prepared(basis_b, evr, weighted, dtype)  # [Ub, Kb, D] ...
+    comp_a, w_a, m_a = _prepared(basis_a, evr, weighted, dtype, weighting, prune_kwargs)  # [Ua, Ka, D] ...
+    comp_b, w_b, m_b = _prepared(basis_b, evr, weighted, dtype, weighting, prune_kwargs)  # [Ub, Kb, D] ...
     num_a, num_b = comp_a.shape[0], comp_b.shape[0]
     ka, kb = comp_a.shape[1], comp_b.shape[1]
     out = torch.zeros(num_a, num_b, dtype=dtype, device=comp_a.device)  # [Ua, Ub]
@@ -231,12 +259,13 @@ def cross_similarity(
         stop = min(start + rows_per_chunk, num_a)
         r = stop - start
         cos = torch.einsum("akd,bld->abkl", comp_a[start:stop], comp_b).abs()  # [r, Ub, Ka, Kb]
-        scores = _score_from_cos(
+        scores = _scores(
             cos.reshape(r * num_b, ka, kb),  # [r·Ub, Ka, Kb]
             w_a[start:stop].repeat_interleave(num_b, dim=0),  # [r·Ub, Ka]
             w_b.repeat(r, 1),  # [r·Ub, Kb]
             m_a[start:stop].repeat_interleave(num_b, dim=0),  # [r·Ub, Ka]
             m_b.repeat(r, 1),  # [r·Ub, Kb]
+            weighted, unweighted,
         )  # [r·Ub]
         out[start:stop] = scores.view(r, num_b)
     return out

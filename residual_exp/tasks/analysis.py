@@ -29,7 +29,7 @@ from ..analysis.intrinsic_dimension import layer_profiles, unit_dimensions
 from ..analysis.plots import (plot_heatmaps, plot_id_profiles, plot_selection_curves, plot_similarity_profiles,
                               save_text)
 from ..analysis.similarity import (dataset_similarity, grid_of, layer_profile, profile_correlation,
-                                   raw_cross_model, similarity_rows, summary_row, unit_grid)
+                                   raw_cross_model, similarity_options, similarity_rows, summary_row, unit_grid)
 from ..classifiers import top1_accuracy
 from ..compose import entry_nodes, group_node, group_options
 from ..pipeline import Session, reference_dataset
@@ -118,7 +118,7 @@ def run_spectral_similarity(cfg, a, out: Path) -> int:
         for ds_label, ds_cfg in datasets:
             basis, _ = s.bases(ds_cfg, a.split, a.max_samples)
             for variant in a.variants:
-                sims = dataset_similarity(ref_basis, basis, idx, variant == "weighted", a.evr)
+                sims = dataset_similarity(ref_basis, basis, idx, variant == "weighted", a.evr, **similarity_options(cfg))
                 rows += [{"reference": ref_label, **r} for r in
                          similarity_rows(label, f"{ds_label}/{a.split}", variant, names, layers, heads, sims)]
                 g = unit_grid(sims, kinds, layers, heads, lay.num_layers, lay.num_heads)
@@ -144,7 +144,7 @@ def run_spectral_similarity(cfg, a, out: Path) -> int:
     elif len(head_bases) > 1 and a.cross_model == "raw":
         log.warning("cross_model=raw compares principal directions of different models coordinate by coordinate: "
                     "meaningful only if the models share one output space (e.g. a model and a fine-tuned copy)")
-        cross, cross_grids = raw_cross_model(head_bases)
+        cross, cross_grids = raw_cross_model(head_bases, **similarity_options(cfg))
         for title, grid in cross_grids.items():
             la, lb = title.split(" × ")
             plot_heatmaps({title: grid}, out / f"cross_model_{_safe(la)}_{_safe(lb)}.png",
@@ -170,7 +170,7 @@ def run_coarse_selection(cfg, a, out: Path) -> int:
         head = s.classifier(cfg.dataset, ds_s.classnames, ds_s.templates)
         means = s.reference_bases()[0].mean.float() if "mean" in a.ablations else None     # [U, D]
         scores = cs.head_scores(a.scores, enc_s.units, enc_s.features, enc_s.labels, head_idx, head, a.evr,
-                                s.progress)
+                                s.progress, **similarity_options(cfg))
         orders = {k: cs.order_of(v) for k, v in scores.items()}
         score_rows += cs.score_rows(label, names, [lay.layers[i] for i in head_idx], [lay.heads[i] for i in head_idx],
                                     scores, orders)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..methods import METHODS
-from ..results import LAMBDA_FILE, ResultsFileError, read_results
+from ..results import CONVENTION_KEYS, LAMBDA_FILE, ResultsFileError, read_results
 from ..runtime import run_dir_of
 from ..tables import markdown_table
 
@@ -153,6 +153,12 @@ def paper_table(df) -> str:
         summary.append(row)
     lines += ["", "## Mean over datasets (%)", "",
               markdown_table(summary, ["model"] + methods, fmt=_str, align=["l"] + ["r"] * len(methods)).rstrip("\n")]
+    present = [k for k in CONVENTION_KEYS if k in df]
+    if present:
+        combos = df[present].fillna("?").astype(str).drop_duplicates().to_dict("records")
+        lines += ["", "Conventions (FIDELITY.md): " + "; ".join(
+            ", ".join(f"{k}={v}" for k, v in c.items()) for c in combos)
+            + (" — MIXED: rows were computed under different conventions" if len(combos) > 1 else "")]
     seeds = sorted(df.seed.unique())
     lines += ["", f"{len(df)} records; {df.model.nunique()} models × {df.dataset.nunique()} datasets; "
                   f"seeds {', '.join(map(str, seeds))}" + ("" if len(seeds) == 1 else " (mean ± std over seeds)")]

@@ -48,7 +48,8 @@ def train(cfg: DictConfig) -> int:
 
     zs = {name: top1_accuracy(head, enc[name].features, enc[name].labels) for name in ("val", "test")}
     common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
-                  zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"])
+                  zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"],
+                  **conventions_record(cfg, s.backbone.has_text))
     records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
                     wall_seconds=round(time.time() - t_start, 2))]
     if cfg.method.name != "base":
@@ -58,6 +59,14 @@ def train(cfg: DictConfig) -> int:
     print(results_table(records))
     print(f"results: {path}")
     return 0
+
+
+def conventions_record(cfg, has_text: bool) -> dict:
+    """What a result was computed under (FIDELITY.md): unit definition, classifier, EVR rule,
+    compat mode, cache layout."""
+    c = cfg.conventions
+    return {"units_convention": c.units, "classifier": "text" if has_text else f"prototype-{c.prototype}",
+            "evr_rule": c.evr_rule, "compat": cfg.compat, "cache_layout": cfg.cache.layout}
 
 
 def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) -> dict:

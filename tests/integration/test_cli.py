@@ -32,6 +32,9 @@ def test_default_pipeline_writes_results_json(tmp_path):
     assert records[0]["trainable_params"] == 0
     assert records[1]["trainable_params"] == 16 * 32 + 4 * 64           # rank-aware: head_dim per head, D per MLP
     assert records[0]["test_accuracy"] == records[1]["zero_shot_test_accuracy"]
+    for r in records:                      # what the numbers were computed under (FIDELITY.md)
+        assert (r["units_convention"], r["classifier"], r["evr_rule"], r["compat"], r["cache_layout"]) == \
+            ("official", "text", "strict", "none", "lowrank")
     run_dir = runs[0].parent
     assert (run_dir / "lambda.safetensors").exists() and (run_dir / "config.json").exists()
     assert "zero-shot test" in proc.stdout and "residual_full" in proc.stdout   # the printed table

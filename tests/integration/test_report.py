@@ -23,7 +23,8 @@ PARAMS = {"base": 0, "finetune": 86_000_000, "linear_adapter": 262_656, "spectra
 def _record(model, dataset, method, acc, zs=0.5, seed=0):
     return {"model": model, "dataset": dataset, "method": method, "trainable_params": PARAMS[method],
             "val_accuracy": acc, "test_accuracy": acc, "zero_shot_val_accuracy": zs,
-            "zero_shot_test_accuracy": zs, "seed": seed, "wall_seconds": 1.0}
+            "zero_shot_test_accuracy": zs, "seed": seed, "wall_seconds": 1.0, "units_convention": "official",
+            "classifier": "text", "evr_rule": "strict", "compat": "none", "cache_layout": "lowrank"}
 
 
 def _write_run(folder, model, dataset, method, acc, lam=None):
@@ -42,7 +43,7 @@ class Spectral:
         S, K = len(self.units), 16
         mask = torch.arange(K)[None, :] < torch.randint(2, K + 1, (S, 1), generator=torch.Generator().manual_seed(0))
         lam = torch.where(mask, torch.randn(S, K, generator=torch.Generator().manual_seed(1)) + 1, torch.zeros(S, K))
-        save_file({"lambda": lam, "mask": mask, "eigen_components": torch.zeros(0)}, str(folder / "lambda.safetensors"),
+        save_file({"lambda": lam, "mask": mask, }, str(folder / "lambda.safetensors"),
                   metadata={"method": "residual_full", "units": json.dumps(self.units)})
 
 
@@ -94,6 +95,8 @@ def test_report_writes_the_paper_table_csv_and_plots(sweep, tmp_path, capsys):
     params = next(r for r in rows if "trainable params" in r).split(" | ")
     assert params[2:4] == ["0", "86.0M"] and params[-1].strip(" |") == "120.0k"
     assert "## Mean over datasets" in md and "| **all** |" in md
+    assert ("Conventions (FIDELITY.md): units_convention=official, classifier=text, evr_rule=strict, "
+            "compat=none, cache_layout=lowrank") in md and "MIXED" not in md
 
     for name in ("accuracy_vs_params.png", "gain_over_zero_shot.png", "lambda_spectra.png"):
         png = rep / name

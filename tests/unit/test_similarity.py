@@ -158,10 +158,12 @@ def test_unit_similarity(bases, weighted: bool) -> None:
     a, b = bases
     self_sim = unit_similarity(a, a, weighted=weighted, evr=0.9)
     torch.testing.assert_close(self_sim, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
-    sim = unit_similarity(a, b, weighted=weighted, evr=0.9)
+    sim = unit_similarity(a, b, weighted=weighted, evr=0.9, weighting="sqrt_eigenvalues", unweighted="matched")
     assert sim.shape == (4,) and ((sim >= 0) & (sim <= 1)).all()
     assert sim[:2].min() > 0.9 > sim[2:].max()  # same distribution vs rotated units
-    # agrees with spectral_cosine on the pruned bases
+    official = unit_similarity(a, b, weighted=weighted, evr=0.9)       # the defaults: official variants
+    assert official[:2].min() > 0.9 > official[2:].max()
+    # the sqrt-weighted / matched variants agree with spectral_cosine on the pruned bases
     pa, pb = a.prune(evr=0.9), b.prune(evr=0.9)
     for u in range(4):
         ka, kb = int(pa.kept()[u]), int(pb.kept()[u])

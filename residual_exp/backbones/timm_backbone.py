@@ -283,7 +283,9 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
     if arch not in timm.list_models():
         raise KeyError(f"model.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*') "
                        "(e.g. vit_large_patch16_224, vit_large_patch14_dinov2)")
-    kwargs = dict(params.get("create_kwargs") or {})
+    # no classifier head: the feature is the pre-logits CLS token, and a head would count as
+    # (untrained) finetune parameters
+    kwargs = {"num_classes": 0, **dict(params.get("create_kwargs") or {})}
     if image_size:
         kwargs["img_size"] = int(image_size)
     state_dict, source = None, None
@@ -320,6 +322,8 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
         model = timm.create_model(arch, pretrained=False, **kwargs)
     check_timm_vit(model)
     if state_dict is not None:
+        if getattr(model, "num_classes", 0) == 0:                 # the checkpoint's classifier is not used
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
         state_dict = checkpoint_filter_fn(state_dict, model)     # pos-embed resampling, foreign formats
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:

@@ -273,8 +273,17 @@ def test_timm_loads_transformers_vit_file(tmp_path):
         logits = hf(pixel_values=x).logits
     assert bb.model.norm.eps == 1e-12
     assert (feature - want).abs().max().item() <= ATOL
-    assert (bb.model.forward_head(bb.model.forward_features(x)) - logits).abs().max().item() <= ATOL
     assert (units.sum(1) - feature).abs().max().item() <= ATOL
+    assert bb.model.num_classes == 0          # the classifier head is not loaded (nor finetuned)
+    # the key conversion itself is complete: a timm ViT with a head reproduces the logits
+    import functools
+    from timm.models.vision_transformer import VisionTransformer
+    from residual_exp.backbones.timm_backbone import convert_hf_vit_state_dict
+    full = VisionTransformer(img_size=SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=1000,
+                             norm_layer=functools.partial(nn.LayerNorm, eps=1e-12)).double().eval()
+    full.load_state_dict(convert_hf_vit_state_dict(hf.state_dict()), strict=True)
+    with torch.no_grad():
+        assert (full(x) - logits).abs().max().item() <= ATOL
 
 
 BLIP_CFG = dict(name="blip_l_flickr", pretrained=None,

@@ -151,6 +151,23 @@ class CacheTask(TaskConfig):
 
 
 @dataclass
+class PlanGrid:
+    """An explicit grid for ``task=plan`` (empty lists: the sweep's hydra.sweeper.params, else the run's own)."""
+    model: List[str] = field(default_factory=list)
+    dataset: List[str] = field(default_factory=list)
+    method: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PlanTask(TaskConfig):
+    """Cost of a run or a sweep before it starts (images, cache bytes, disk, GPU hours)."""
+    name: str = "plan"
+    grid: PlanGrid = field(default_factory=PlanGrid)
+    typical_epoch_fraction: float = 0.5                    # early stopping: share of max_epochs a job typically runs
+    throughput: Dict[str, Any] = field(default_factory=dict)   # see conf/task/plan.yaml
+
+
+@dataclass
 class PretrainTask(TaskConfig):
     """Contrastive pretraining of the embedded tiny CLIP on synthetic captions."""
     name: str = "pretrain_tiny_clip"
@@ -201,6 +218,6 @@ def register_configs() -> None:
     for name, node in [("train_schema", TaskConfig), ("check_decomposition_schema", CheckDecompositionTask),
                        ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask),
                        ("report_schema", ReportTask), ("analysis_schema", AnalysisTask),
-                       ("cache_schema", CacheTask)]:
+                       ("cache_schema", CacheTask), ("plan_schema", PlanTask)]:
         cs.store(group="task", name=name, node=node)
     register_analysis_configs()        # the `analysis` group's schemas

@@ -11,6 +11,7 @@ from ..store import resumable
 from .analysis import analysis
 from .check_decomposition import check_decomposition
 from .inspect_data import inspect_data
+from .plan import plan
 from .pretrain_tiny_clip import pretrain_tiny_clip
 from .report import report
 from .train import train
@@ -22,6 +23,7 @@ TASKS: dict[str, Callable] = {
     "pretrain_tiny_clip": pretrain_tiny_clip,
     "report": report,
     "analysis": analysis,
+    "plan": plan,
 }
 
 

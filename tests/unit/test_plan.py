@@ -1,0 +1,36 @@
+"""task=plan: sizes, bytes per image and GPU hours of a grid, without building a model."""
+from __future__ import annotations
+
+import csv
+
+from residual_exp.plan import bytes_per_image, split_sizes
+from residual_exp.run import run
+from tests.conftest import compose_cfg
+
+
+def test_bytes_per_image_of_clip_l():
+    low = bytes_per_image("clip_l", "lowrank", "float16")
+    assert low == 2 * (24 * 16 * 64 + 25 * 768 + 768) + 4 * 27 + 8 == 89_204       # ≤ 92 KB
+    today = (411 + 1) * 768 * 4 + 8                                                  # [N, U, D] + feature, fp32
+    assert today / low > 14
+
+
+def test_split_sizes_follow_the_protocol():
+    assert split_sizes("cifar100") == {"train": 45_000, "val": 5_000, "test": 10_000, "reference": 45_000}
+    assert split_sizes("sun397")["val"] == round(0.1 * 108_754)
+    assert split_sizes("resisc45") == {"train": 18_900, "val": 6_300, "test": 6_300, "reference": 18_900}
+    assert split_sizes("imagenet")["train"] == 1_281_167 - round(0.2 * 1_281_167)
+
+
+def test_plan_of_a_grid(tmp_path, capsys):
+    cfg = compose_cfg(["task=plan", "pca=imagenet", "task.grid.model=[clip_b,clip_l]",
+                       "task.grid.dataset=[cifar10,dtd]", "task.grid.method=[base,residual_full,finetune]"], tmp_path)
+    assert run(cfg) == 0
+    out = capsys.readouterr().out
+    assert "12 jobs = 2 models × 2 datasets × 3 methods" in out and "whole grid without finetune" in out
+    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "run" / "plan.csv"))}
+    assert set(rows) == {"clip_b", "clip_l", "total"}
+    clip_l = rows["clip_l"]
+    assert int(clip_l["train_images"]) == 45_000 + 1_504 and int(clip_l["reference_images"]) == 1_024_934
+    assert float(clip_l["cache_GB"]) == (45_000 + 5_000 + 10_000 + 1_504 + 376 + 1_880) * 89_204 / 1e9
+    assert float(rows["total"]["encode_h"]) > 0 and float(clip_l["finetune_h"]) > float(clip_l["train_h"])

@@ -1,18 +1,30 @@
 """timm Vision Transformers: ``vit_l``, ``dinov2_l`` and the generic
 ``model=timm model.arch=… model.pretrained=<timm tag | HF ViT repo | null>``.
 
-Any CLS-pooled timm :class:`~timm.models.vision_transformer.VisionTransformer`
-(``global_pool='token'``, standard pre-norm ``Block``\\ s, final ``norm`` before the pool,
-no ``fc_norm``, no attention pool) decomposes exactly into residual units at the CLS token:
+Three timm model classes decompose exactly into residual units at the CLS token when they
+are CLS-pooled (``global_pool='token'``, a class token, no attention pool), use pre-norm
+blocks and end in one LayerNorm (``norm`` before the pool or ``fc_norm`` after it) or none:
+
+* :class:`~timm.models.vision_transformer.VisionTransformer` (ViT, DINOv2, CLIP-style towers
+  with ``pre_norm``, registers, LayerScale) with timm's ``Block`` / ``Attention``;
+* :class:`~timm.models.eva.Eva` (EVA-01/02, RoPE ViTs) with ``EvaBlock`` and ``EvaAttention``
+  or ``AttentionRope``: RoPE, fused or separate q/k/v, qk-norm, sigmoid-gated attention, GQA,
+  SwiGLU / GluMlp / Mlp with or without the inner norm (``scale_mlp``), LayerScale
+  (``gamma_1`` / ``gamma_2``, attention-only too) — all of it lives *inside* a branch;
+* :class:`~timm.models.vision_transformer_relpos.VisionTransformerRelPos` with a class token
+  (``vit_relpos_*_cls_*``): the relative position bias is added to the attention logits.
+
+Units (:class:`TimmTower` installs the hooks):
 
 * ``embed``   the CLS row of the stream entering block 0 (cls/pos embed, register tokens
               and ``norm_pre`` already applied; CLS is index 0 in timm, registers follow it)
 * ``LlHh``    per-head outputs: a forward pre-hook on ``block.attn.proj`` sees the head
-              concatenation ``[B, N, H·Dh]`` for free (timm's ``Attention`` calls ``proj``
-              as a module); head h's unit is ``z_h @ W_O[:, h]ᵀ`` with
-              ``W_O = proj.weight.view(D, H, Dh)``, times LayerScale ``ls1.gamma`` (DINOv2)
-* ``Ll.mlp``  the CLS row of ``block.ls2``'s output (MLP × LayerScale)
-* ``attn_bias``, ``out_bias``  Σ_l ``proj.bias`` (× ``ls1.gamma``) and the final norm's β
+              concatenation ``[B, N, H·Dh]`` for free (every supported attention calls ``proj``
+              as a module, after RoPE, relative bias and gate); head h's unit is
+              ``z_h @ W_O[:, h]ᵀ`` with ``W_O = proj.weight.view(D, H, Dh)``, times LayerScale
+              (``ls1.gamma``, DINOv2; ``gamma_1``, Eva)
+* ``Ll.mlp``  the CLS row of ``block.ls2``'s output (MLP × LayerScale; Eva: ``mlp`` × ``gamma_2``)
+* ``attn_bias``, ``out_bias``  Σ_l ``proj.bias`` (× LayerScale) and the final norm's β
 
 The feature is timm's pre-logits CLS feature after the final norm,
 ``model.forward_head(model.forward_features(x), pre_logits=True)`` (1024-d for ViT-L); the
@@ -47,14 +59,16 @@ GELU, qkv bias, LN eps 1e-12), with the checkpoint's own preprocessing (224×224
 squash resize, mean = std = 0.5).  ``model.pretrained=augreg_in21k_ft_in1k`` selects timm's
 AugReg run instead.
 
-Refused (:class:`UnsupportedArchitecture`): non-ViT models (ResNets, ConvNeXt, EVA, …),
-``global_pool`` other than ``'token'`` (avg/max pooling, SigLIP's ``map`` attention pool,
-``prr``), a non-identity ``fc_norm``, blocks that are not the standard pre-norm ``Block``
-(``ResPostBlock``: norm applied to the branch output; parallel blocks; subclasses that
-override ``forward``), attention modules other than timm's ``Attention`` or with
-``scale_norm`` (a LayerNorm over all heads before ``proj`` mixes heads), distilled ViTs
-(DeiT: the readout averages CLS and distillation tokens) and final norms other than
-LayerNorm.
+Refused (:class:`UnsupportedArchitecture`, one line naming the part; the architecture is
+checked on the meta device before any weights are read or downloaded): other model classes
+(ResNets, ConvNeXt, Swin, FastViT, …); ``global_pool`` other than ``'token'`` (average/max
+pooling, ``map`` attention pooling as in SigLIP / PE, no pooling); no class token; both a
+final norm and an ``fc_norm``, or a final norm that is not a LayerNorm (RmsNorm); blocks that
+are not the pre-norm ones (``ResPostBlock``, ``EvaBlockPostNorm`` as in EVA02-E,
+``ResPostRelPosBlock``, parallel blocks, subclasses overriding ``forward``); attention modules
+other than the ones above or with ``scale_norm`` (timm ``scale_attn_norm``, Eva
+``scale_attn_inner`` as in EVA02-CLIP: a norm over all heads before ``proj`` mixes the heads);
+models overriding ``forward_features`` / ``forward_head`` / ``pool`` (DeiT's distillation token).
 """
 from __future__ import annotations
 
@@ -79,32 +93,57 @@ log = logging.getLogger(__name__)
 HF_VIT_LAYER_NORM_EPS = 1e-12   # transformers ViTConfig default (Google's ViT checkpoints)
 
 
-def check_timm_vit(model: nn.Module) -> None:
-    """Refuse models whose readout is not linear in the CLS residual units (see module doc)."""
+# --- architecture checks ----------------------------------------------------------------
+_POOL_NAMES = {"avg": "average pooling", "max": "max pooling", "avgmax": "average+max pooling",
+               "avgmaxc": "average+max pooling", "": "no pooling (every token is returned)"}
+
+
+def _check_pool(model: nn.Module) -> None:
+    """A CLS-token readout: ``global_pool='token'``, no attention pool, a class token."""
+    gp = getattr(model, "global_pool", None)
+    if getattr(model, "attn_pool", None) is not None or gp == "map":
+        raise UnsupportedArchitecture(
+            f"global_pool={gp!r}: map (attention) pooling (SigLIP, PE): the readout is not linear in the "
+            "residual units; only CLS-token pooling ('token') decomposes")
+    if gp != "token":
+        kind = _POOL_NAMES.get(gp, f"{gp!r} pooling")
+        raise UnsupportedArchitecture(
+            f"global_pool={gp!r}: {kind} mixes the patch tokens into the readout; only CLS-token pooling "
+            "('token') is linear in the CLS residual units")
+    if getattr(model, "cls_token", None) is None:
+        raise UnsupportedArchitecture("no class token (class_token=False): there is no CLS row to decompose")
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The one final norm of a CLS-pooled timm model: ``norm`` (before the pool) or ``fc_norm``
+    (after it, on the pooled CLS row) — ``nn.Identity`` when there is none."""
+    norm, fc = model.norm, getattr(model, "fc_norm", None) or nn.Identity()
+    if not isinstance(norm, nn.Identity) and not isinstance(fc, nn.Identity):
+        raise UnsupportedArchitecture(
+            f"both a final norm ({type(norm).__name__}) and an fc_norm ({type(fc).__name__}) are set: "
+            "two norms in a row are not supported by the single-LayerNorm lens")
+    final = fc if not isinstance(fc, nn.Identity) else norm
+    if not isinstance(final, (nn.LayerNorm, nn.Identity)):
+        where = "fc_norm" if final is fc else "final norm"
+        raise UnsupportedArchitecture(
+            f"{where} {type(final).__name__} is not a LayerNorm: the LayerNorm lens does not apply")
+    return final
+
+
+def _check_overrides(model: nn.Module, base: type, methods=("forward_features", "forward_head", "pool")) -> None:
+    for meth in methods:
+        if hasattr(base, meth) and getattr(type(model), meth) is not getattr(base, meth):
+            raise UnsupportedArchitecture(
+                f"{type(model).__name__} overrides {base.__name__}.{meth} (e.g. DeiT's distillation token "
+                "averaged into the readout): the readout is not the CLS token alone")
+
+
+def _check_vit(model: nn.Module) -> None:
     from timm.layers import Attention, LayerScale
     from timm.models.vision_transformer import Block, VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedArchitecture(
-            f"{type(model).__name__} is not a timm VisionTransformer: only CLS-pooled ViTs decompose into "
-            "residual units (ResNets, ConvNeXt, EVA, Swin, … are not supported)")
-    for meth in ("forward_features", "forward_head", "pool"):
-        if getattr(type(model), meth) is not getattr(VisionTransformer, meth):
-            raise UnsupportedArchitecture(
-                f"{type(model).__name__} overrides VisionTransformer.{meth} (e.g. DeiT's distillation token "
-                "averaged into the readout): the readout is not the CLS token alone")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool != "token":
-        raise UnsupportedArchitecture(
-            f"global_pool={model.global_pool!r}: only CLS-token pooling ('token') is linear in the CLS "
-            "residual units (avg/max pooling mixes all tokens; 'map'/'prr' attention pooling as in SigLIP "
-            "is a non-linear readout)")
-    if not isinstance(model.fc_norm, nn.Identity):
-        raise UnsupportedArchitecture(
-            "fc_norm is set (norm applied after pooling instead of the final norm): not supported; "
-            "build the model with fc_norm=False")
-    if not isinstance(model.norm, (nn.LayerNorm, nn.Identity)):
-        raise UnsupportedArchitecture(
-            f"final norm {type(model.norm).__name__} is not a LayerNorm: the LayerNorm lens does not apply")
+    _check_overrides(model, VisionTransformer)
+    _check_pool(model)
+    _final_norm(model)
     for i, block in enumerate(model.blocks):
         if not isinstance(block, Block) or type(block).forward is not Block.forward:
             raise UnsupportedArchitecture(
@@ -114,15 +153,141 @@ def check_timm_vit(model: nn.Module) -> None:
         if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
             raise UnsupportedArchitecture(
                 f"blocks[{i}].attn is {type(attn).__name__}, not timm's Attention: per-head outputs unavailable")
-        if not isinstance(attn.norm, nn.Identity):
-            raise UnsupportedArchitecture(
-                f"blocks[{i}].attn has scale_norm (a norm over all heads before proj): heads are mixed "
-                "before the output projection, so per-head units are undefined")
+        _check_no_scale_norm(attn, i)
         for ls_name in ("ls1", "ls2"):
             ls = getattr(block, ls_name)
             if not isinstance(ls, (LayerScale, nn.Identity)):
                 raise UnsupportedArchitecture(f"blocks[{i}].{ls_name} is {type(ls).__name__}, "
                                               "not LayerScale or Identity")
+
+
+def _check_no_scale_norm(attn: nn.Module, i: int) -> None:
+    norm = getattr(attn, "norm", None)
+    if norm is not None and not isinstance(norm, nn.Identity):
+        raise UnsupportedArchitecture(
+            f"blocks[{i}].attn has scale_norm ({type(norm).__name__} over all heads' concatenated outputs "
+            "before proj; timm scale_attn_norm / Eva scale_attn_inner, e.g. EVA02-CLIP): the heads are mixed "
+            "before the output projection, so per-head units are undefined")
+
+
+def _check_eva(model: nn.Module) -> None:
+    from timm.layers import AttentionRope
+    from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+    _check_overrides(model, Eva)
+    _check_pool(model)
+    _final_norm(model)
+    for i, block in enumerate(model.blocks):
+        if isinstance(block, EvaBlockPostNorm):
+            raise UnsupportedArchitecture(
+                f"blocks[{i}] is EvaBlockPostNorm (use_post_norm=True, e.g. EVA02-E): a norm over the summed "
+                "heads after the output projection mixes the heads, so per-head units are undefined")
+        if not isinstance(block, EvaBlock) or type(block).forward is not EvaBlock.forward:
+            raise UnsupportedArchitecture(
+                f"blocks[{i}] is {type(block).__name__}, not timm's pre-norm EvaBlock: not supported")
+        attn = block.attn
+        if not isinstance(attn, (EvaAttention, AttentionRope)) or \
+                type(attn).forward not in (EvaAttention.forward, AttentionRope.forward):
+            raise UnsupportedArchitecture(
+                f"blocks[{i}].attn is {type(attn).__name__}, not EvaAttention / AttentionRope: "
+                "per-head outputs unavailable")
+        _check_no_scale_norm(attn, i)
+
+
+def _check_relpos(model: nn.Module) -> None:
+    from timm.models.vision_transformer_relpos import (RelPosAttention, RelPosBlock, ResPostRelPosBlock,
+                                                       VisionTransformerRelPos)
+    _check_overrides(model, VisionTransformerRelPos)
+    _check_pool(model)
+    _final_norm(model)
+    for i, block in enumerate(model.blocks):
+        if isinstance(block, ResPostRelPosBlock):
+            raise UnsupportedArchitecture(
+                f"blocks[{i}] is ResPostRelPosBlock (res-post-norm, vit_relpos_*_rpn): the norm on the "
+                "attention branch's output mixes the heads, so per-head units are undefined")
+        if not isinstance(block, RelPosBlock) or type(block).forward is not RelPosBlock.forward:
+            raise UnsupportedArchitecture(
+                f"blocks[{i}] is {type(block).__name__}, not timm's pre-norm RelPosBlock: not supported")
+        if not isinstance(block.attn, RelPosAttention) or type(block.attn).forward is not RelPosAttention.forward:
+            raise UnsupportedArchitecture(
+                f"blocks[{i}].attn is {type(block.attn).__name__}, not RelPosAttention: per-head outputs unavailable")
+
+
+def check_timm_model(model: nn.Module) -> str:
+    """Refuse models whose readout is not linear in the CLS residual units (see the module
+    docstring); return the supported kind: ``vit`` | ``eva`` | ``relpos``."""
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+    if isinstance(model, Eva):
+        _check_eva(model)
+        return "eva"
+    if isinstance(model, VisionTransformerRelPos):
+        _check_relpos(model)
+        return "relpos"
+    if isinstance(model, VisionTransformer):
+        _check_vit(model)
+        return "vit"
+    raise UnsupportedArchitecture(
+        f"{type(model).__name__} is not a timm VisionTransformer, Eva or VisionTransformerRelPos: only "
+        "CLS-pooled ViTs decompose into residual units (ResNets, ConvNeXt, Swin, FastViT, … are not supported)")
+
+
+check_timm_vit = check_timm_model   # the former name
+
+
+class TimmTower:
+    """Where the residual units of a checked timm ViT live (``VisionTransformer``, ``Eva``,
+    ``VisionTransformerRelPos``): the hooks that fill the store and the out-projections of the lens.
+    Shared by :class:`TimmBackbone` and open_clip's timm image towers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.kind = check_timm_model(model)
+        self.model = model
+        attn = model.blocks[0].attn
+        self.num_layers, self.num_heads, self.head_dim = len(model.blocks), attn.num_heads, attn.head_dim
+        self.width = model.embed_dim
+
+    def final_norm(self) -> nn.Module:
+        return _final_norm(self.model)
+
+    def layer_scales(self) -> tuple[list, list]:
+        """Per block ``(ls1 gamma, ls2 gamma)`` (None: no LayerScale)."""
+        if self.kind == "eva":
+            return [b.gamma_1 for b in self.model.blocks], [b.gamma_2 for b in self.model.blocks]
+        return [layer_scale(b.ls1) for b in self.model.blocks], [layer_scale(b.ls2) for b in self.model.blocks]
+
+    def install(self, hs, store: dict) -> None:
+        # CLS rows are cloned: a view would keep each layer's whole [B, N, ·] activation alive
+        # until the units are built (views cost ×3 peak memory at B/16, batch 8, in open_clip;
+        # with the copies the decomposed forward peaks at the plain forward's memory).
+        blocks = self.model.blocks
+        store["heads"], store["mlps"] = [], []
+
+        def embed_hook(module, args):
+            store["embed"] = args[0][:, 0].clone()                        # [B, W] CLS entering block 0
+
+        hs.forward_pre_hook(blocks[0], embed_hook)
+        for block in blocks:
+            attn = block.attn
+            hs.forward_pre_hook(attn.proj, cls_heads_pre_hook(store["heads"], attn.num_heads, attn.head_dim))
+            if self.kind == "eva":     # EvaBlock: x + gamma_2 * mlp(norm2(x)); gamma_2 is a bare parameter
+                hs.forward_hook(block.mlp, _scaled_cls_hook(store["mlps"], block))
+            else:
+                hs.forward_hook(block.ls2, lambda m, i, o: store["mlps"].append(o[:, 0].clone()))  # [B, W]
+        # the final norm sees [B, N, W] (norm) or the pooled [B, W] (fc_norm); Identity is called too
+        hs.forward_pre_hook(self.final_norm(), cls_input_pre_hook(store, "final_in"))
+
+    def out_projections(self) -> tuple[list, list, list]:
+        """``(W_O [W, H·Dh], b_O, ls1)`` per layer, for :func:`~residual_exp.decompose.readout.lens_from`."""
+        blocks = self.model.blocks
+        return [b.attn.proj.weight for b in blocks], [b.attn.proj.bias for b in blocks], self.layer_scales()[0]
+
+
+def _scaled_cls_hook(sink: list, block: nn.Module):
+    def hook(module, args, out):
+        g = block.gamma_2
+        sink.append(out[:, 0] * g if g is not None else out[:, 0].clone())   # [B, W]  MLP × LayerScale
+    return hook
 
 
 class TimmBackbone(Backbone):
@@ -132,11 +297,11 @@ class TimmBackbone(Backbone):
 
     def __init__(self, name: str, model: nn.Module, transform, image_size: int,
                  logit_scale: float = 100.0) -> None:
-        check_timm_vit(model)
-        blocks = model.blocks
-        super().__init__(name, model.embed_dim, len(blocks), blocks[0].attn.num_heads, transform, image_size,
+        tower = TimmTower(model)
+        super().__init__(name, tower.width, tower.num_layers, tower.num_heads, transform, image_size,
                          has_text=False, logit_scale=logit_scale)
         self.model = model
+        self._tower = tower
 
     @property
     def vision(self) -> nn.Module:
@@ -147,29 +312,13 @@ class TimmBackbone(Backbone):
 
     # --- decomposition ------------------------------------------------------------------
     def _install(self, hs, store: dict) -> None:
-        # CLS rows are cloned: a view would keep each layer's whole [B, N, ·] activation alive
-        # until the units are built (views cost ×3 peak memory at B/16, batch 8, in open_clip;
-        # with the copies the decomposed forward peaks at the plain forward's memory).
-        blocks = self.model.blocks
-        store["heads"], store["mlps"] = [], []
-
-        def embed_hook(module, args):
-            store["embed"] = args[0][:, 0].clone()                        # [B, D] CLS entering block 0
-
-        hs.forward_pre_hook(blocks[0], embed_hook)
-        for block in blocks:
-            attn = block.attn
-            hs.forward_pre_hook(attn.proj, cls_heads_pre_hook(store["heads"], attn.num_heads, attn.head_dim))
-            hs.forward_hook(block.ls2, lambda m, i, o: store["mlps"].append(o[:, 0].clone()))  # [B, D]
-        hs.forward_pre_hook(self.model.norm, cls_input_pre_hook(store, "final_in"))   # Identity too: it is called
+        self._tower.install(hs, store)
 
     def final(self):
-        return self.model.norm, None, None
+        return self._tower.final_norm(), None, None
 
     def lens(self) -> Lens:
-        blocks = self.model.blocks
-        return lens_from([b.attn.proj.weight for b in blocks], [b.attn.proj.bias for b in blocks],
-                         [layer_scale(b.ls1) for b in blocks], self.num_heads, *self.final())
+        return lens_from(*self._tower.out_projections(), self.num_heads, *self.final())
 
 
 # --- state dicts ----------------------------------------------------------------------
@@ -268,6 +417,32 @@ def _hf_hub_vit(repo: str, cache_dir: str | None) -> tuple[dict[str, torch.Tenso
     raise WeightsUnavailable(f"could not fetch the weights of {repo}: " + "; ".join(errors) + "\n" + hint)
 
 
+def _checkpoint_filter(kind: str):
+    """timm's own state-dict filter of the model family (pos-embed / rel-pos resampling, foreign formats)."""
+    if kind == "eva":
+        from timm.models.eva import checkpoint_filter_fn
+    elif kind == "relpos":
+        from timm.models.vision_transformer_relpos import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+    return checkpoint_filter_fn
+
+
+def precheck_timm(arch: str, kwargs: dict | None = None) -> None:
+    """The architecture check of ``timm.create_model(arch, **kwargs)`` on the meta device: no
+    weights are allocated, read or downloaded (raises :class:`UnsupportedArchitecture`)."""
+    import timm
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, **(kwargs or {}))
+    except UnsupportedArchitecture:
+        raise
+    except Exception as e:  # a model that cannot be built on meta: checked after creation instead
+        log.debug("meta-device precheck of timm %s failed (%s); checking after creation", arch, e)
+        return
+    check_timm_model(model)
+
+
 def create_timm(arch: str, pretrained: str | None = None, weights: str | None = None,
                 image_size: int | None = None, cache_dir: str | None = None,
                 params: dict | None = None) -> nn.Module:
@@ -277,7 +452,6 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
     tests); ``params.layer_norm_eps`` sets the LayerNorm eps for transformers ViT files.
     """
     import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
 
     params = dict(params or {})
     if arch not in timm.list_models():
@@ -288,6 +462,8 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
     kwargs = {"num_classes": 0, **dict(params.get("create_kwargs") or {})}
     if image_size:
         kwargs["img_size"] = int(image_size)
+    if pretrained or weights:
+        precheck_timm(arch, kwargs)   # refuse before any weights are read or downloaded
     state_dict, source = None, None
     if weights:
         source = str(check_local_file(weights, "model.weights"))
@@ -320,11 +496,11 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
                 + offline_hint(f"timm {name}", "model.weights=/path/to/model.safetensors", cache_dir)) from e
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
-    check_timm_vit(model)
+    kind = check_timm_model(model)
     if state_dict is not None:
         if getattr(model, "num_classes", 0) == 0:                 # the checkpoint's classifier is not used
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        state_dict = checkpoint_filter_fn(state_dict, model)     # pos-embed resampling, foreign formats
+        state_dict = _checkpoint_filter(kind)(state_dict, model)  # pos-embed resampling, foreign formats
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise KeyError(f"weights {source} do not match timm {arch}{kwargs and f' {kwargs}' or ''}: "

@@ -1,7 +1,8 @@
 """``task=plan``: the cost of a run or of a sweep before launching it (no model built, no image read).
 
     python -m residual_exp task=plan +experiment=sweep/paper
-    python -m residual_exp task=plan +experiment=sweep/paper model=clip_b,clip_l   # a slice
+    python -m residual_exp task=plan +experiment=sweep/paper 'task.grid.model=[clip_b,clip_l]'   # a slice
+    python -m residual_exp task=plan +experiment=sweep/paper model=clip_b                   # one model
     python -m residual_exp task=plan model=openclip_l dataset=cifar100 pca=imagenet  # one run
 
 The grid is the sweep's ``hydra.sweeper.params`` (or ``task.grid``), with command-line overrides

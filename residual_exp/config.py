@@ -168,6 +168,31 @@ class PlanTask(TaskConfig):
 
 
 @dataclass
+class ExportTask(TaskConfig):
+    """A trained run (``run_dir=``) as one self-contained adapted encoder (``out=``)."""
+    name: str = "export"
+    copy_weights: bool = False         # also copy the backbone's weights into the folder (always for finetune / random init)
+
+
+@dataclass
+class PredictTask(TaskConfig):
+    """Classify images (``inputs=`` an image, a folder or a glob) with an export (``model_dir=``)."""
+    name: str = "predict"
+    top_k: int = 5
+    batch_size: int = 64
+    grid: int = 16                     # images shown in predictions.png
+    out_dir: Optional[str] = None      # default: the run dir
+
+
+@dataclass
+class EvaluateTask(TaskConfig):
+    """Accuracy of an export (``model_dir=``) on any ``dataset=``; results.json as task=train writes it."""
+    name: str = "evaluate"
+    batch_size: int = 64
+    split: str = "test"
+
+
+@dataclass
 class PretrainTask(TaskConfig):
     """Contrastive pretraining of the embedded tiny CLIP on synthetic captions."""
     name: str = "pretrain_tiny_clip"
@@ -190,6 +215,10 @@ class Config:
     logger: Any = None
     analysis: Any = None               # `analysis=NAME` (task=analysis)
     sweep_dir: Optional[str] = None    # task=report: the sweep (or any folder of runs) to collect
+    run_dir: Optional[str] = None      # task=export: the trained run
+    out: Optional[str] = None          # task=export: the export folder (default: <run_dir>/export)
+    model_dir: Optional[str] = None    # task=predict / evaluate: an export folder
+    inputs: Optional[str] = None       # task=predict: an image, a folder or a glob
     cache: CacheConfig = field(default_factory=CacheConfig)
     conventions: ConventionsConfig = field(default_factory=ConventionsConfig)
     compat: str = "none"               # none | official: also reproduce the official code's bugs (a)-(d) (FIDELITY.md)
@@ -218,6 +247,7 @@ def register_configs() -> None:
     for name, node in [("train_schema", TaskConfig), ("check_decomposition_schema", CheckDecompositionTask),
                        ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask),
                        ("report_schema", ReportTask), ("analysis_schema", AnalysisTask),
-                       ("cache_schema", CacheTask), ("plan_schema", PlanTask)]:
+                       ("cache_schema", CacheTask), ("plan_schema", PlanTask), ("export_schema", ExportTask),
+                       ("predict_schema", PredictTask), ("evaluate_schema", EvaluateTask)]:
         cs.store(group="task", name=name, node=node)
     register_analysis_configs()        # the `analysis` group's schemas

@@ -28,6 +28,7 @@ RESULT_KEYS = ("model", "dataset", "method", "trainable_params", "val_accuracy",
 CONVENTION_KEYS = ("units_convention", "classifier", "evr_rule", "compat", "cache_layout")   # FIDELITY.md
 LAMBDA_FILE = "lambda.safetensors"
 RUN_CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.json"
 
 
 class ResultsFileError(ValueError):
@@ -95,6 +96,24 @@ def read_run_config(run_dir: Path) -> dict:
         raise ResultsFileError(f"{path}: unreadable run config ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict):
         raise ResultsFileError(f"{path}: not a config object")
+    return data
+
+
+def write_classes(classnames, templates, run_dir: Path) -> Path:
+    """The class names (label order) and prompt templates the run's classifier was built from."""
+    path = Path(run_dir) / CLASSES_FILE
+    atomic_write_text(path, json.dumps({"classnames": list(classnames), "templates": list(templates)}, indent=1))
+    return path
+
+
+def read_classes(run_dir: Path) -> dict:
+    path = Path(run_dir) / CLASSES_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ResultsFileError(f"{path}: unreadable class list ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("classnames"), list):
+        raise ResultsFileError(f"{path}: not a class list")
     return data
 
 

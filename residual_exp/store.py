@@ -66,7 +66,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import atomic_path, atomic_write_text
 from .cache import spec_hash
 from .encode import model_identity
-from .results import (LAMBDA_FILE, RESULT_KEYS, ResultsFileError, read_results, results_table,
+from .results import (CLASSES_FILE, LAMBDA_FILE, RESULT_KEYS, ResultsFileError, read_results, results_table,
                       write_results, write_run_config)
 from .runtime import run_dir_of
 
@@ -79,12 +79,12 @@ EXCLUDED_KEYS = (
     "logger",
     "trainer.progress_bar", "trainer.num_workers", "trainer.cpu_threads", "dataset.num_workers",
     "device", "trainer.accelerator",
-    "run_name", "resume", "sweep_dir", "analysis",
+    "run_name", "resume", "sweep_dir", "analysis", "run_dir", "out", "model_dir", "inputs",
     "pca.reference.num_workers",
     "hydra",
 )
 ABSOLUTE_PATH_KEYS = ("dataset.root", "paths.data_dir")
-ARTEFACTS = (LAMBDA_FILE,)     # small per-run files kept with the entry (λ spectra for the report)
+ARTEFACTS = (LAMBDA_FILE, CLASSES_FILE)   # small per-run files kept with the entry (λ spectra, class list)
 
 
 # --- the key ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Callable
 from ..store import resumable
 from .analysis import analysis
 from .check_decomposition import check_decomposition
+from .export import export
 from .inspect_data import inspect_data
 from .plan import plan
 from .pretrain_tiny_clip import pretrain_tiny_clip
@@ -24,6 +25,7 @@ TASKS: dict[str, Callable] = {
     "report": report,
     "analysis": analysis,
     "plan": plan,
+    "export": export,
 }
 
 

@@ -22,7 +22,7 @@ from ..classifiers import top1_accuracy
 from ..data.registry import build_split
 from ..methods import build_adapter, needs_bases
 from ..pipeline import Session
-from ..results import LAMBDA_FILE, results_table, save_lambda, write_results
+from ..results import LAMBDA_FILE, results_table, save_lambda, write_classes, write_results
 from ..runtime import run_dir_of
 from ..train.data import ImageItems, StreamedEncoded, batches, prepare_encoded, prepared_bytes
 from ..train.fit import fit_and_test, training_threads
@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> int:
     enc = {name: s.encode_dataset(splits[name], cfg.dataset) for name in SPLITS}
     head = s.classifier(cfg.dataset, splits["train"].classnames, splits["train"].templates,
                         train_encoding=lambda: enc["train"])
+    write_classes(splits["train"].classnames, splits["train"].templates, run_dir)
 
     zs = {name: top1_accuracy(head, enc[name].features, enc[name].labels) for name in ("val", "test")}
     common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),

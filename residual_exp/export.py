@@ -1,0 +1,267 @@
+"""A trained run as one self-contained adapted encoder: λ folded into the readout.
+
+Every selected unit's readout ``RD_u = Φ_uᵀ diag(λ_u) Φ_u (x_u − µ_u)`` is linear in that
+unit's own lifted input ``x_u`` (:mod:`residual_exp.decompose.readout`), so the adapted image
+feature is a fixed linear function of what the decomposed forward already computes at the CLS
+token — per head its value mix ``z_h``, per MLP (and the embedding) its projected contribution
+``a = Pᵀ(γ ⊙ c)`` and channel mean, and the final norm's σ, µ::
+
+    feature = Σ_h F_h z_h / σ  +  Σ_v (A_v a_v + m_v mean(c_v)) / σ  +  b_inv / σ  +  b_mu µ/σ  +  b  (+ W f)
+
+with one ``D × head_dim`` matrix per head and one ``D × D`` matrix per MLP (:class:`Folded`).
+The exported forward never builds the ``[B, U, D]`` unit stack; its cost is the plain forward
+plus a few CLS-token matrix products.  ``base``, ``linear_adapter`` and ``spectral_adapter``
+read only the model's feature ``f`` (``W f + b``) and run the plain forward; ``finetune``
+exports its tuned image tower.
+
+An export folder holds ``adapted.json`` (everything needed to rebuild the model: backbone
+identity and weights reference — or a copy, ``backbone.safetensors`` —, conventions, classifier
+kind, class names, preprocessing, provenance) and ``adapted.safetensors`` (the folded tensors and
+the classifier weights).  :func:`load_adapted` rebuilds it in a fresh process with nothing else.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .decompose.readout import Readout
+
+log = logging.getLogger(__name__)
+EXPORT_FORMAT = 1
+CONFIG_FILE, TENSORS_FILE, BACKBONE_FILE = "adapted.json", "adapted.safetensors", "backbone.safetensors"
+FEATURE_METHODS = ("base", "linear_adapter", "spectral_adapter", "finetune")
+
+
+@dataclass
+class Folded:
+    """The adapted feature as a linear function of the decomposed forward's CLS quantities."""
+    dim: int
+    heads: torch.Tensor | None = None        # [L·H, D, Dh]  on z / σ
+    vectors: torch.Tensor | None = None      # [1+L, D, D]   on a / σ (embed, MLPs)
+    vec_mean: torch.Tensor | None = None     # [1+L, D]      on mean(c) / σ
+    b_inv: torch.Tensor | None = None        # [D]           on 1 / σ
+    b_mu: torch.Tensor | None = None         # [D]           on µ / σ
+    bias: torch.Tensor | None = None         # [D]
+    feature: torch.Tensor | None = None      # [D, D]        on the model's feature f
+    batch_mean: "Folded | None" = None       # compat=official (d): added as the batch mean
+    extra: dict = field(default_factory=dict)
+
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        out = {f"{prefix}{k}": v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        if self.batch_mean is not None:
+            out.update(self.batch_mean.tensors(prefix + "batch_mean."))
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, dim: int, prefix: str = "") -> "Folded":
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        bm = prefix + "batch_mean."
+        inner = cls.from_tensors(tensors, dim, bm) if any(k.startswith(bm) for k in tensors) else None
+        return cls(dim, batch_mean=inner, **own)
+
+    @property
+    def needs_units(self) -> bool:
+        return any(t is not None for t in (self.heads, self.vectors, self.b_inv, self.b_mu)) or \
+            (self.batch_mean is not None and self.batch_mean.needs_units)
+
+    def apply(self, raw: dict | None, feature: torch.Tensor) -> torch.Tensor:
+        """The adapted feature ``[B, D]`` from :meth:`Backbone.decompose_raw`'s output (or, for
+        feature-only folds, from the plain feature)."""
+        dt = next(v.dtype for v in self.__dict__.values() if isinstance(v, torch.Tensor))
+        y = torch.zeros(feature.shape[0], self.dim, dtype=dt, device=feature.device)
+        if raw is not None and self.needs_units:
+            st = raw["stats"].to(dt)
+            inv = 1.0 / st[:, 0:1]                                              # [B, 1]
+            if self.heads is not None:
+                y = y + torch.einsum("bsk,sdk->bd", raw["z"].to(dt) * inv[:, :, None], self.heads)
+            if self.vectors is not None:
+                y = y + torch.einsum("bvd,ved->be", raw["vec"].to(dt) * inv[:, :, None], self.vectors)
+                y = y + (raw["vec_mean"].to(dt) * inv) @ self.vec_mean
+            if self.b_inv is not None:
+                y = y + inv * self.b_inv + (st[:, 1:2] * inv) * self.b_mu
+        if self.feature is not None:
+            y = y + feature.to(dt) @ self.feature.T
+        if self.bias is not None:
+            y = y + self.bias
+        if self.batch_mean is not None:
+            y = y + self.batch_mean.apply(raw, feature).mean(0, keepdim=True)
+        return y
+
+
+class _Accumulator:
+    """Sums per-unit linear maps ``F_u`` on lifted inputs into the :class:`Folded` layout."""
+
+    def __init__(self, readout: Readout) -> None:
+        self.r = readout
+        D, Dh, L = readout.layout_dim, readout.head_dim, readout.layout.num_layers
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)
+        self.f = Folded(D, heads=z(L * readout.num_heads, D, Dh), vectors=z(L + 1, D, D), vec_mean=z(L + 1, D),
+                        b_inv=z(D), b_mu=z(D), bias=z(D))
+        self.pos = {u: (g, p) for g, idx in readout.groups.items() for p, u in enumerate(idx)}
+
+    def add(self, unit: int, F_lift: torch.Tensor) -> None:
+        """``F_lift`` ``[D, R]``: the unit's contribution as a map of its lifted input."""
+        g, p = self.pos[int(unit)]
+        Fl, f = F_lift.double(), self.f
+        if g == "heads":                     # x = [z/σ, 1/σ, µ/σ, 1]
+            Dh = self.r.head_dim
+            f.heads[p] += Fl[:, :Dh]
+            f.b_inv += Fl[:, Dh]; f.b_mu += Fl[:, Dh + 1]; f.bias += Fl[:, Dh + 2]
+        elif g == "vectors":                 # x = [a/σ, µ/σ, mean(c)/σ, 1]
+            D = self.r.layout_dim
+            f.vectors[p] += Fl[:, :D]
+            f.b_mu += Fl[:, D]; f.vec_mean[p] += Fl[:, D + 1]; f.bias += Fl[:, D + 2]
+        else:                                # consts: x = [1/σ, 1]
+            f.b_inv += Fl[:, 0]; f.bias += Fl[:, 1]
+
+    def add_unit_map(self, unit: int, M: torch.Tensor) -> None:
+        """``M`` ``[D, D]`` acting on the unit itself (``unit = G x``): folded as ``M G``."""
+        g, p = self.pos[int(unit)]
+        self.add(unit, M.double() @ self.r.maps(g)[p].double())
+
+
+def fold(method: str, state: dict, readout: Readout, layout: str = "lowrank", others: str = "drop",
+         dropped_value: float = 0.0, batch_mean: bool = False) -> Folded:
+    """Fold a trained adapter (its ``state_dict``, ``adapter.`` prefix removed) into :class:`Folded`.
+
+    ``layout``: the cache layout it was trained on (``dense``: its maps act on units, which are
+    then read through ``readout``'s lifts).  Exact: the folded forward equals the adapter's to
+    float round-off (tested in float64).
+    """
+    D = readout.layout_dim
+    st = {k: v.detach().double() if v.is_floating_point() else v for k, v in state.items()}
+    if method == "base":
+        return Folded(D, feature=torch.eye(D, dtype=torch.float64))
+    if method == "linear_adapter":
+        return Folded(D, feature=st["linear.weight"], bias=st["linear.bias"])
+    if method == "finetune":
+        return Folded(D, feature=torch.eye(D, dtype=torch.float64))
+    lam_flat = None
+    if "recon" in st:                                        # SpectralReweighting
+        full = torch.full(st["trained"].shape, float(dropped_value), dtype=torch.float64)
+        lam_flat = full.masked_scatter(st["trained"].bool(), st["lam"])  # [F]
+    if method == "spectral_adapter":
+        C, off, valid = st["C0"], st["offset0"], st["valid0"].bool()
+        Fm = st["recon"].T @ (lam_flat[:, None] * C[valid])  # [D, D] on f
+        return Folded(D, feature=Fm, bias=-(st["recon"].T @ (lam_flat * off[valid])))
+    acc = _Accumulator(readout)
+    selected = [int(u) for u in st["selected"].tolist()]
+    blocks = readout.blocks(selected)                        # group order: the adapter's own order
+    if "recon" in st:
+        row = 0
+        for i, (g, pos, units) in enumerate(blocks):
+            C, off, valid = st[f"C{i}"], st[f"offset{i}"], st[f"valid{i}"].bool()
+            for s, u in enumerate(units):
+                keep = valid[s]
+                n = int(keep.sum())
+                R = st["recon"][row:row + n]                 # [n, D]
+                lam = lam_flat[row:row + n]
+                Fu = R.T @ (lam[:, None] * C[s][keep])       # [D, R_lift]  (or [D, D] on units: dense)
+                const = -(R.T @ (lam * off[s][keep]))        # [D]
+                acc.f.bias += const
+                (acc.add_unit_map if layout == "dense" else acc.add)(u, Fu)
+                row += n
+    else:                                                    # HeadScaling
+        start = 0
+        for i, (g, pos, units) in enumerate(blocks):
+            G = st[f"G{i}"]
+            lam = st["lam"][start:start + len(units)]
+            for s, u in enumerate(units):
+                if G.numel():
+                    acc.add(u, lam[s] * G[s].T)              # stored [S, R, D]
+                else:
+                    acc.add_unit_map(u, lam[s] * torch.eye(D, dtype=torch.float64))
+            start += len(units)
+    folded = acc.f
+    rest = [int(u) for u in st["others_idx"].tolist()]
+    if others == "add" or (others == "mean" and batch_mean):
+        tgt = acc if others == "add" else _Accumulator(readout)   # batch mean: a fold of its own
+        for u in rest:
+            g, p = tgt.pos[u]
+            tgt.add(u, readout.maps(g)[p].double())
+        if others == "mean":
+            folded.batch_mean = tgt.f
+    elif others == "mean":
+        folded.bias += st["other_mean"]
+    return folded
+
+
+class AdaptedModel(nn.Module):
+    """An exported run: ``encode_image(images) -> adapted features`` (open_clip's interface),
+    ``forward(images) -> logits``, ``preprocess`` (PIL image → tensor), ``classnames``."""
+
+    def __init__(self, backbone, folded: Folded, classifier_weight: torch.Tensor, scale: float,
+                 normalize_weights: bool, classnames: list[str], config: dict) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.folded = folded
+        for k, v in folded.tensors().items():
+            self.register_buffer("folded_" + k.replace(".", "__"), v.float())
+        self.register_buffer("classifier", classifier_weight.float())
+        self.scale, self.normalize_weights = float(scale), bool(normalize_weights)
+        self.classnames, self.config = list(classnames), config
+        self.preprocess = backbone.transform
+        self._sync()
+
+    def _sync(self) -> None:
+        """Point the fold at this module's buffers (so ``.to()``/``.double()`` move it too)."""
+        tensors = {k[len("folded_"):].replace("__", "."): v for k, v in self.named_buffers() if k.startswith("folded_")}
+        self.folded = Folded.from_tensors(tensors, self.folded.dim)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._sync()
+        return out
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        bb = self.backbone
+        images = images.to(next(bb.parameters()).device, next(bb.parameters()).dtype)
+        if self.folded.needs_units:
+            raw = bb.decompose_raw(images)
+            feats = self.folded.apply(raw, raw["feature"])
+        else:
+            feats = self.folded.apply(None, bb.encode_image(images))
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(self.encode_image(images), dim=-1)
+        w = F.normalize(self.classifier, dim=-1) if self.normalize_weights else self.classifier
+        return self.scale * f @ w.to(f.dtype).T
+
+
+def load_adapted(folder: str | Path, device: str = "cpu") -> AdaptedModel:
+    """Rebuild an exported run (``task=export``) from its folder alone."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from .backbones import build_backbone
+    from .config import ModelConfig
+    folder = Path(folder).expanduser()
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE} (an export folder of `python -m residual_exp task=export`)")
+    config = json.loads(path.read_text())
+    if config.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: export format {config.get('format')!r}, this version reads {EXPORT_FORMAT}")
+    model_cfg = dict(config["backbone"])
+    if config.get("weights") == "copy":
+        model_cfg["weights"] = str(folder / BACKBONE_FILE)
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg)
+    backbone = build_backbone(node).use_convention(config["conventions"]["units"]).eval()
+    backbone.precision = "fp32"
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    tensors = load_file(str(folder / TENSORS_FILE))
+    cls = tensors.pop("classifier")
+    folded = Folded.from_tensors(tensors, int(config["output_dim"]))
+    c = config["classifier"]
+    return AdaptedModel(backbone, folded, cls, c["scale"], c["normalize_weights"], config["classnames"],
+                        config).to(device).eval()

@@ -17,6 +17,10 @@ import torchmetrics
 from ..encode import storage_arrays
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or a trained parameter became NaN or infinite: nothing of the job is stored."""
+
+
 class AdapterModule(pl.LightningModule):
     def __init__(self, adapter, head, lr: float, weight_decay: float = 0.0,
                  prepare_on_the_fly: bool = False, backbone=None, layout: str = "lowrank") -> None:
@@ -58,10 +62,15 @@ class AdapterModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, self.train_acc)
+        if not bool(torch.isfinite(loss)):
+            raise TrainingDiverged(f"training diverged: loss {float(loss)} at epoch {self.current_epoch}, step "
+                                   f"{self.global_step} (lr {self.lr:g}); lower method.lr or check the data and "
+                                   "the bases — nothing of this job is stored")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 
     def on_train_epoch_end(self) -> None:
+        self._check_finite()
         self.log("train/acc", self.train_acc.compute()); self.train_acc.reset()
 
     def validation_step(self, batch, batch_idx):
@@ -105,6 +114,12 @@ class AdapterModule(pl.LightningModule):
         self._sf("eval")
         # re-read the (now averaged) weights into the checkpoint being written
         checkpoint["state_dict"] = self.state_dict()
+
+    def _check_finite(self) -> None:
+        bad = [n for n, p in self.adapter.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise TrainingDiverged(f"training diverged: non-finite values in {', '.join(bad)} after epoch "
+                                   f"{self.current_epoch} (lr {self.lr:g}); nothing of this job is stored")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # after validation (eval mode) training resumes: swap back to the training sequence

@@ -103,3 +103,13 @@ def test_other_lambda_formats_load(tmp_path, method):
         assert trained.lam.ndim == 1 and trained.mask is None and len(trained.units) == 16
     else:
         assert trained.lam is None and set(trained.tensors) == {"linear.weight", "linear.bias"}
+
+
+def test_a_diverging_job_stops_and_stores_nothing(tmp_path, monkeypatch):
+    from residual_exp.methods.adapters import LinearAdapter
+    from residual_exp.train.module import TrainingDiverged
+    monkeypatch.setattr(LinearAdapter, "forward", lambda self, feature: self.linear(feature) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss nan at epoch 0.*nothing of this job is stored"):
+        _train(tmp_path, "nan", ["method=linear_adapter"])
+    assert not list((tmp_path / "nan").rglob("outputs/results/*.json"))
+    assert not (tmp_path / "nan" / "run" / "results.json").exists()

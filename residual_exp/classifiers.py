@@ -45,13 +45,7 @@ def zero_shot_weights(backbone, classnames: Sequence[str], templates: Sequence[s
 
 def prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[C, D]`` per-class mean of the L2-normalised features (rows renormalised by the head)."""
-    f = F.normalize(features.double(), dim=-1)                            # [N, D]
-    counts = torch.bincount(labels, minlength=num_classes)                 # [C]
-    if (counts == 0).any():
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"prototype classifier: no training example for classes {missing[:10]}")
-    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
-    return (sums / counts[:, None]).to(features.dtype)                    # [C, D]
+    return class_means(F.normalize(features.double(), dim=-1), labels, num_classes).to(features.dtype)
 
 
 PROTOTYPES = ("mean", "cosine")

@@ -80,13 +80,17 @@ def _counts(names: Sequence[str], counts: Mapping[int, int], labels: Sequence[in
     return ", ".join(parts) + more
 
 
-class TooFewClassesError(DatasetError):
-    """The dataset (its train split) has fewer than two classes."""
+class _ClassesError(DatasetError):
+    """A data problem about some classes of a split (``.dataset``, ``.split``, ``.classes``)."""
 
     def __init__(self, message: str, *, dataset: str | None = None, split: str | None = None,
                  classes: Sequence[str] = ()):
         super().__init__(message)
         self.dataset, self.split, self.classes = dataset, split, list(classes)
+
+
+class TooFewClassesError(_ClassesError):
+    """The dataset (its train split) has fewer than two classes."""
 
     @classmethod
     def build(cls, dataset: str, split: str, classnames: Sequence[str],
@@ -124,13 +128,8 @@ class EmptySplitError(DatasetError):
         return cls(msg, dataset=dataset, split=split)
 
 
-class ClassesMissingFromTrainError(DatasetError):
+class ClassesMissingFromTrainError(_ClassesError):
     """A class occurs in val or test but never in train (the model can never learn it)."""
-
-    def __init__(self, message: str, *, dataset: str | None = None, split: str | None = None,
-                 classes: Sequence[str] = ()):
-        super().__init__(message)
-        self.dataset, self.split, self.classes = dataset, split, list(classes)
 
     @classmethod
     def build(cls, dataset: str, split: str, classnames: Sequence[str],

@@ -7,6 +7,11 @@ Examples::
     python -m residual_exp -m method=base,residual_coarse,residual_full
     python -m residual_exp task=check_decomposition model=clip_b model.pretrained=null
     python -m residual_exp --help                            # config groups and options
+
+A bad config value (:class:`~residual_exp.validate.ConfigError`) and the data / model problems a
+user can fix (:data:`USER_ERRORS`) end the job with ``error: <message>`` on stderr and exit
+status 2, without a traceback.  In a multirun the job is recorded as failed by Hydra with that
+message (the sweep stops after the batch, exit status 2).
 """
 from __future__ import annotations
 
@@ -19,18 +24,70 @@ from .config import register_configs
 
 register_configs()
 
+# module → exception classes that are the user's to fix: printed as one message, exit status 2.
+# Looked up in sys.modules only: a module never imported cannot have raised (and --help or a
+# refused config stay free of torch).
+USER_ERRORS = {
+    "residual_exp.validate": ("ConfigError",),
+    "residual_exp.data.errors": ("DatasetError",),          # DatasetNotFound, SplitMismatchError, BadImageError, …
+    "residual_exp.backbones.base": ("UnsupportedArchitecture",),
+    "residual_exp.backbones.weights": ("WeightsUnavailable",),
+    "residual_exp.results": ("ResultsFileError",),
+    "residual_exp.encode": ("EncodingOverflow",),
+}
+EXIT_USER_ERROR = 2
+
+
+def _user_error_types() -> tuple[type, ...]:
+    types = []
+    for module, names in USER_ERRORS.items():
+        mod = sys.modules.get(module)
+        types += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
+    return tuple(types)
+
+
+def _message(e: BaseException) -> str:
+    problems = getattr(e, "problems", None) or [str(e).strip() or type(e).__name__]
+    return "\n".join(f"error: {p}" for p in problems)
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    try:
+        return HydraConfig.get().mode.name == "MULTIRUN"
+    except ValueError:                               # not inside a Hydra app
+        return False
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     from .run import run          # here, not at the top: `--help` stays fast (no torch import)
-    code = run(cfg)
+    try:
+        code = run(cfg)
+    except Exception as e:
+        if not isinstance(e, _user_error_types()):
+            raise
+        if _multirun():                              # Hydra records the job as failed, message only
+            from .validate import JobFailed
+            raise JobFailed(_message(e)) from None
+        print(_message(e), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
     if code:
         # Hydra swallows return values; a non-zero exit status must leave the process.
         # (In multirun, raise so that Hydra records the job as failed and carries on.)
-        from hydra.core.hydra_config import HydraConfig
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        if _multirun():
             raise RuntimeError(f"task {cfg.task.name} failed with exit code {code}")
         sys.exit(code)
+
+
+def main() -> None:
+    try:
+        _app()
+    except SystemExit as e:
+        from .validate import JobFailed
+        if e.code == 1 and JobFailed.seen:           # Hydra exits 1 after reporting a failed job
+            sys.exit(EXIT_USER_ERROR)
+        raise
 
 
 if __name__ == "__main__":

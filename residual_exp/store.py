@@ -9,9 +9,9 @@ half-written result for a finished one.  The task registry (:mod:`residual_exp.t
    ``<paths.root_dir>/outputs/results/<key>.json``;
 2. if that entry is complete (it parses, carries the same key, and holds a record with every
    field of :data:`~residual_exp.results.RESULT_KEYS` for ``base`` and for ``method.name``), copies
-   it into the new run dir as ``results.json`` (with ``lambda.safetensors`` when the method
-   has one), writes ``resumed.json`` saying where it came from, prints the table and returns
-   0 without building a model;
+   it into the new run dir as ``results.json`` (with ``classes.json`` and, when the method has
+   one, ``lambda.safetensors``, both kept in ``results/artefacts/``), writes ``resumed.json``
+   saying where it came from, prints the table and returns 0 without building a model;
 3. otherwise runs the task and, only after it returned 0 and its ``results.json`` is
    complete, writes the store entry: artefacts first, then the JSON by an atomic rename.
    The JSON's presence is what marks a cell finished, so a job killed at any point leaves
@@ -84,6 +84,7 @@ EXCLUDED_KEYS = (
     "hydra",
 )
 ABSOLUTE_PATH_KEYS = ("dataset.root", "paths.data_dir")
+ARTEFACT_DIR = "artefacts"                # store/artefacts/<key>.<name>
 ARTEFACTS = (LAMBDA_FILE, CLASSES_FILE)   # small per-run files kept with the entry (λ spectra, class list)
 
 
@@ -182,18 +183,24 @@ def load_entry(store: Path, key: str, method: str) -> dict | None:
 
 def save_entry(store: Path, key: str, spec: dict, run_dir: Path, records: list[dict]) -> Path:
     """Artefacts first, the JSON last (atomically): the JSON marks the cell finished."""
-    store.mkdir(parents=True, exist_ok=True)
+    (store / ARTEFACT_DIR).mkdir(parents=True, exist_ok=True)
     artefacts = []
     for name in ARTEFACTS:
         src = run_dir / name
         if src.is_file():
-            _link_or_copy(src, store / f"{key}.{name}")
+            _link_or_copy(src, _artefact(store, key, name))
             artefacts.append(name)
     entry = {"key": key, "records": records, "run_dir": str(run_dir), "artefacts": artefacts,
              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "spec": spec}
     path = store / f"{key}.json"
     atomic_write_text(path, json.dumps(entry, indent=1, default=str))
     return path
+
+
+def _artefact(store: Path, key: str, name: str) -> Path:
+    """Where an entry's artefact lives: beside, not among, the entries (``store/*.json`` lists
+    finished cells only)."""
+    return store / ARTEFACT_DIR / f"{key}.{name}"
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -211,7 +218,7 @@ def restore(entry: dict, store: Path, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     key = entry["key"]
     for name in entry.get("artefacts", []):
-        src = store / f"{key}.{name}"
+        src = _artefact(store, key, name)
         if src.is_file():
             _link_or_copy(src, run_dir / name)
     atomic_write_text(run_dir / "resumed.json", json.dumps(

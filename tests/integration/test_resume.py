@@ -51,11 +51,18 @@ def _run(cfg, run_dir):
     return run(cfg)
 
 
-def test_failed_job_is_not_stored_then_reruns_then_resumes(tmp_path, capsys):
+def test_failed_job_is_not_stored_then_reruns_then_resumes(tmp_path, capsys, monkeypatch):
+    import importlib
+    train_task = importlib.import_module("residual_exp.tasks.train")   # the module, not the task function
     store = results_dir(_cfg(tmp_path))
-    bad = _cfg(tmp_path, "method=residual_coarse", "trainer.precision=bogus")   # fails after encoding
-    with pytest.raises(Exception):
-        _run(bad, tmp_path / "r0")
+    bad = _cfg(tmp_path, "method=residual_coarse")
+
+    def crash(*args, **kwargs):                  # fails after encoding, before any result exists
+        raise RuntimeError("injected failure")
+    with monkeypatch.context() as m:
+        m.setattr(train_task, "train_method", crash)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            _run(bad, tmp_path / "r0")
     assert not (tmp_path / "r0" / "results.json").exists()
     assert not store.exists() or not list(store.glob("*.json"))
 
@@ -65,7 +72,7 @@ def test_failed_job_is_not_stored_then_reruns_then_resumes(tmp_path, capsys):
     assert not (tmp_path / "r1" / "resumed.json").exists()
     entries = list(store.glob("*.json"))
     assert len(entries) == 1 and entries[0].stem == resume_key(cfg)
-    assert (store / f"{entries[0].stem}.lambda.safetensors").exists()
+    assert (store / "artefacts" / f"{entries[0].stem}.lambda.safetensors").exists()
 
     capsys.readouterr()
     assert _run(_cfg(tmp_path, "method=residual_coarse"), tmp_path / "r2") == 0

@@ -20,9 +20,14 @@ Units (:class:`TimmTower` installs the hooks):
               and ``norm_pre`` already applied; CLS is index 0 in timm, registers follow it)
 * ``LlHh``    per-head outputs: a forward pre-hook on ``block.attn.proj`` sees the head
               concatenation ``[B, N, H·Dh]`` for free (every supported attention calls ``proj``
-              as a module, after RoPE, relative bias and gate); head h's unit is
+              as a module, after RoPE, relative bias, inner norm and gate); head h's unit is
               ``z_h @ W_O[:, h]ᵀ`` with ``W_O = proj.weight.view(D, H, Dh)``, times LayerScale
-              (``ls1.gamma``, DINOv2; ``gamma_1``, Eva)
+              (``ls1.gamma``, DINOv2; ``gamma_1``, Eva).  With an inner norm over the head
+              concatenation (timm ``scale_attn_norm``, Eva ``scale_attn_inner`` as in the
+              EVA02-CLIP towers), ``z_h`` is head h's slice of the *normalised* concatenation
+              ``γ ⊙ (z − µ)/σ + β`` that ``proj`` reads: per token the norm is one affine map with
+              a mean and σ shared by all heads (as the final norm's σ is shared by all units), so
+              the heads' units still sum exactly to the branch; µ and σ depend on every head
 * ``Ll.mlp``  the CLS row of ``block.ls2``'s output (MLP × LayerScale; Eva: ``mlp`` × ``gamma_2``)
 * ``attn_bias``, ``out_bias``  Σ_l ``proj.bias`` (× LayerScale) and the final norm's β
 
@@ -66,9 +71,7 @@ pooling, ``map`` attention pooling as in SigLIP / PE, no pooling); no class toke
 final norm and an ``fc_norm``, or a final norm that is not a LayerNorm (RmsNorm); blocks that
 are not the pre-norm ones (``ResPostBlock``, ``EvaBlockPostNorm`` as in EVA02-E,
 ``ResPostRelPosBlock``, parallel blocks, subclasses overriding ``forward``); attention modules
-other than the ones above or with ``scale_norm`` (timm ``scale_attn_norm``, Eva
-``scale_attn_inner`` as in EVA02-CLIP: a norm over all heads before ``proj`` mixes the heads);
-models overriding ``forward_features`` / ``forward_head`` / ``pool`` (DeiT's distillation token).
+other than the ones above; models overriding ``forward_features`` / ``forward_head`` / ``pool`` (DeiT's distillation token).
 """
 from __future__ import annotations
 
@@ -109,7 +112,9 @@ def _check_pool(model: nn.Module) -> None:
         kind = _POOL_NAMES.get(gp, f"{gp!r} pooling")
         raise UnsupportedArchitecture(
             f"global_pool={gp!r}: {kind} mixes the patch tokens into the readout; only CLS-token pooling "
-            "('token') is linear in the CLS residual units")
+            "('token') is linear in the CLS residual units"
+            + ("" if getattr(model, "cls_token", None) is None else
+               " (to read this model's CLS token instead: +model.params.create_kwargs.global_pool=token)"))
     if getattr(model, "cls_token", None) is None:
         raise UnsupportedArchitecture("no class token (class_token=False): there is no CLS row to decompose")
 
@@ -153,21 +158,11 @@ def _check_vit(model: nn.Module) -> None:
         if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
             raise UnsupportedArchitecture(
                 f"blocks[{i}].attn is {type(attn).__name__}, not timm's Attention: per-head outputs unavailable")
-        _check_no_scale_norm(attn, i)
         for ls_name in ("ls1", "ls2"):
             ls = getattr(block, ls_name)
             if not isinstance(ls, (LayerScale, nn.Identity)):
                 raise UnsupportedArchitecture(f"blocks[{i}].{ls_name} is {type(ls).__name__}, "
                                               "not LayerScale or Identity")
-
-
-def _check_no_scale_norm(attn: nn.Module, i: int) -> None:
-    norm = getattr(attn, "norm", None)
-    if norm is not None and not isinstance(norm, nn.Identity):
-        raise UnsupportedArchitecture(
-            f"blocks[{i}].attn has scale_norm ({type(norm).__name__} over all heads' concatenated outputs "
-            "before proj; timm scale_attn_norm / Eva scale_attn_inner, e.g. EVA02-CLIP): the heads are mixed "
-            "before the output projection, so per-head units are undefined")
 
 
 def _check_eva(model: nn.Module) -> None:
@@ -190,7 +185,6 @@ def _check_eva(model: nn.Module) -> None:
             raise UnsupportedArchitecture(
                 f"blocks[{i}].attn is {type(attn).__name__}, not EvaAttention / AttentionRope: "
                 "per-head outputs unavailable")
-        _check_no_scale_norm(attn, i)
 
 
 def _check_relpos(model: nn.Module) -> None:

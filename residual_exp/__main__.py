@@ -8,7 +8,8 @@ Examples::
     python -m residual_exp task=check_decomposition model=clip_b model.pretrained=null
     python -m residual_exp --help                            # config groups and options
 
-A bad config value (:class:`~residual_exp.validate.ConfigError`) and the data / model problems a
+An override Hydra cannot compose (an unknown key, a missing option: :mod:`residual_exp.overrides`),
+a bad config value (:class:`~residual_exp.validate.ConfigError`) and the data / model problems a
 user can fix (:data:`USER_ERRORS`) end the job with ``error: <message>`` on stderr and exit
 status 2, without a traceback.  In a multirun the job is recorded as failed by Hydra with that
 message (the sweep stops after the batch, exit status 2).
@@ -81,6 +82,11 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from .overrides import precheck
+    problems = precheck(sys.argv[1:])                # overrides Hydra cannot compose: our wording, exit 2
+    if problems:
+        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
     try:
         _app()
     except SystemExit as e:

@@ -2,7 +2,7 @@
 
 Analyses compare several models or datasets in one job (``analysis.models``,
 ``analysis.datasets``, ``analysis.reference``).  Their nodes are composed with Hydra's compose
-API from the configs shipped in :data:`~residual_exp.runtime.CONF_MODULE` — exactly what
+API from the configs shipped in :data:`~residual_exp.config.CONF_MODULE` — exactly what
 ``model=NAME`` on the command line would give, schema-validated — then resolved against the
 current job's ``paths`` and ``dataset`` (so ``${paths.data_dir}`` and ``${dataset.root}``
 mean what they mean in the job).  Nothing here reads a YAML file itself.
@@ -14,7 +14,7 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from .runtime import CONF_MODULE
+from .config import CONF_MODULE
 
 
 @contextmanager

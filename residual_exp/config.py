@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+CONF_MODULE = "residual_exp.conf"      # the Hydra configs shipped inside the package
+
 
 @dataclass
 class ModelConfig:

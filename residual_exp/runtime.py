@@ -12,8 +12,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CONF_MODULE = "residual_exp.conf"      # the Hydra configs shipped inside the package
-
 
 def seed_everything(seed: int) -> None:
     """Python, NumPy and torch RNGs (Lightning's ``seed_everything``, without its log line)."""

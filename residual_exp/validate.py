@@ -334,11 +334,13 @@ class _Checker:
         key = path[len(prefix):]
         node = prefix[:-1] or "the config"
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
-        if not close and not prefix:               # `+lr=1`: a key of some group?
-            close = [p for p in _all_leaf_paths() if p.rsplit(".", 1)[-1] == key][:1]
-            hint = f" (did you mean {close[0]}?)" if close else ""
-        else:
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        if close:
+            hint = f" (did you mean {prefix}{close[0]}?)"
+        else:                                      # `+lr=1`, `+pca.k=0`: a key that lives in another group?
+            leaf = key.rsplit(".", 1)[-1]
+            moved = sorted((p for p in _all_leaf_paths() if p.rsplit(".", 1)[-1] == leaf and p != path),
+                           key=lambda p: (not p.startswith("method."), p))
+            hint = f" (did you mean {moved[0]}?)" if moved else ""
         self.problems.append(f"unknown key {path}{hint}: got {path}={_fmt(value)}; the keys of {node} are: "
                              f"{', '.join(fields)}")
 

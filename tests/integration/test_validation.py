@@ -338,6 +338,15 @@ def _cli(args, tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["trainer.max_epochs=0"], "error: trainer.max_epochs=0: must be an integer ≥ 1"),
     (["+method.lrr=1"], "error: unknown key method.lrr (did you mean method.lr?)"),
+    # refused by Hydra while composing, reported in our words (residual_exp/overrides.py)
+    (["pca.k=0"], "error: unknown key pca.k (did you mean method.k?): got pca.k=0; the keys of pca are:"),
+    (["trainer.lr=-1"], "error: unknown key trainer.lr (did you mean method.lr?)"),
+    (["+pca.evr=0.5"], "error: unknown key pca.evr (did you mean method.evr?)"),
+    (["model=nope"], "error: model=nope: not a model config; must be one of blip_l_flickr | clip_b"),
+    (["task=report", "task.format=xml"], "error: unknown key task.format: got task.format=xml; the keys of task (report)"),
+    (["pca.reference=nope"], "error: pca.reference=nope: a dataset config is expected: select one with dataset@pca.reference=NAME"),
+    (["method.k=[1"], "error: cannot parse the command line"),
+    (["-m", "method=base,nope"], "error: method=nope: not a method config"),
     (["method=base", "method.units=heads"], "error: method.units=heads"),
     (["compat=official", "conventions.units=centred"], "error: conventions.units=centred"),
     (["device=quantum", "seed=-1"], "error: device=quantum"),
@@ -367,3 +376,15 @@ def test_cli_multirun_records_the_job_as_failed_with_the_message(tmp_path):
     assert "error: trainer.max_epochs=0" in proc.stderr and "Error executing job" in proc.stderr
     assert "Traceback" not in out
     assert elapsed < 10, f"{elapsed:.1f} s"
+
+
+def test_precheck_expands_sweeps_and_leaves_hydra_flags_alone():
+    from residual_exp.overrides import precheck
+    assert precheck([]) == [] and precheck(["--help"]) == [] and precheck(["--cfg", "job", "pca.k=0"]) == []
+    assert precheck(["-m", "method=base,residual_full", "seed=0,1", "hydra.sweep.dir=/x"]) == []
+    problems = precheck(["-m", "method=base,nope", "seed=range(0,2)", "pca.k=1"])
+    assert problems == [
+        "unknown key pca.k (did you mean method.k?): got pca.k=1; the keys of pca are: reference, split, "
+        "max_samples (a '+' would only add a key nothing reads)",
+        "method=nope: not a method config; must be one of base | finetune | linear_adapter | residual_coarse | "
+        "residual_fine | residual_full | spectral_adapter"], problems

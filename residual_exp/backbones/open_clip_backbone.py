@@ -154,6 +154,21 @@ def _timm_head_linears(visual: nn.Module) -> list[nn.Linear]:
     return linears
 
 
+def compose_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(P [W, D], b [D])`` with ``x @ P + b`` = applying ``linears`` in order (x @ W1ᵀ + b1, then
+    @ W2ᵀ + b2, …); ``(None, None)`` for none."""
+    proj, bias = None, None
+    for lin in linears:
+        w = lin.weight.T                                                  # [in, out]
+        if proj is None:
+            proj, bias = w, lin.bias
+            continue
+        proj, bias = proj @ w, (bias @ w if bias is not None else None)
+        if lin.bias is not None:
+            bias = lin.bias if bias is None else bias + lin.bias
+    return proj, bias
+
+
 def check_open_clip_vision(visual: nn.Module, arch: str | None = None) -> None:
     """Refuse image towers whose readout is not linear in the CLS residual units."""
     from open_clip.timm_model import TimmModel
@@ -265,16 +280,7 @@ class OpenClipBackbone(Backbone):
 
     def final(self):
         if self._timm is not None:
-            proj, bias = None, None                                       # x @ W1ᵀ + b1, then @ W2ᵀ + b2, …
-            for lin in _timm_head_linears(self.model.visual):
-                w = lin.weight.T                                          # [in, out]
-                if proj is None:
-                    proj, bias = w, lin.bias
-                    continue
-                proj, bias = proj @ w, (bias @ w if bias is not None else None)
-                if lin.bias is not None:
-                    bias = lin.bias if bias is None else bias + lin.bias
-            return self._timm.final_norm(), proj, bias
+            return (self._timm.final_norm(), *compose_linears(_timm_head_linears(self.model.visual)))
         return self.model.visual.ln_post, self.model.visual.proj, None
 
     def lens(self) -> Lens:

@@ -243,20 +243,6 @@ def _ref_blip(vm: nn.Module, images: torch.Tensor, interpolate: bool):
     return embed, zs, mlps, h[:, 0], w_o, b_o, ls1, _layer_norm_or_none(vm.post_layernorm)
 
 
-def _compose(linears: list[nn.Linear]):
-    """``(P [W, D], b [D])`` of applying ``linears`` in order (None, None: no projection)."""
-    P, b = None, None
-    for lin in linears:
-        w = lin.weight.T                                                  # [in, out]
-        if P is None:
-            P, b = w, lin.bias
-            continue
-        P, b = P @ w, (b @ w if b is not None else None)
-        if lin.bias is not None:
-            b = lin.bias if b is None else b + lin.bias
-    return P, b
-
-
 @torch.no_grad()
 def independent_reference(backbone, images: torch.Tensor) -> Reference | None:
     """The :class:`Reference` of ``backbone`` on ``images``, or None when its family has none."""
@@ -267,11 +253,13 @@ def independent_reference(backbone, images: torch.Tensor) -> Reference | None:
         return Reference(*_ref_timm_trunk(backbone.model, images), None, None)
     if isinstance(backbone, OpenClipBackbone):
         from open_clip.timm_model import TimmModel
+
+        from ..backbones.open_clip_backbone import compose_linears
         visual = backbone.model.visual
         if isinstance(visual, TimmModel):
             pieces = _ref_timm_trunk(visual.trunk, images)
             heads = [visual.trunk.head] + list(visual.head.children())
-            return Reference(*pieces, *_compose([m for m in heads if isinstance(m, nn.Linear)]))
+            return Reference(*pieces, *compose_linears([m for m in heads if isinstance(m, nn.Linear)]))
         return Reference(*_ref_open_clip_vit(visual, images), visual.proj, None)
     if isinstance(backbone, BlipBackbone):
         tower = backbone.vision

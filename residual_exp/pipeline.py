@@ -48,8 +48,9 @@ class Session:
         backbone = frozen_backbone(model_cfg, device).use_convention(cfg.conventions.units)
         precision = model_cfg.get("precision", "auto")
         backbone.precision = ("bf16" if device.startswith("cuda") else "fp32") if precision == "auto" else precision
-        return cls(cfg, model_cfg, backbone, model_identity(model_cfg, cfg.seed), Cache(cfg.cache.dir, enabled=cfg.cache.enabled),
-                   device, cfg.trainer.progress_bar if progress is None else bool(progress), batch_size)
+        cache = Cache(cfg.cache.dir, enabled=cfg.cache.enabled, verify=cfg.cache.verify)
+        return cls(cfg, model_cfg, backbone, model_identity(model_cfg, cfg.seed), cache, device,
+                   cfg.trainer.progress_bar if progress is None else bool(progress), batch_size)
 
     def split(self, ds_cfg, split: str, max_samples: int | None = None):
         """``(dataset, identity)`` of ``split``, uniformly subsampled to ``max_samples`` (seeded)."""

@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..store import resumable
 from .analysis import analysis
+from .cache import cache_task
 from .check_decomposition import check_decomposition
 from .export import export
 from .inspect_data import inspect_data
@@ -26,6 +27,7 @@ TASKS: dict[str, Callable] = {
     "analysis": analysis,
     "plan": plan,
     "export": export,
+    "cache": cache_task,
 }
 
 

@@ -1,0 +1,262 @@
+"""Cache integrity: damaged entries are detected, moved aside, rebuilt — never used as they are."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+from safetensors.torch import load_file, save_file
+
+import residual_exp.cache as cache_mod
+from residual_exp.cache import DAMAGED_DIR, Cache, CacheError, manifest_path
+from tests.conftest import ROOT, compose_cfg
+
+
+def _arrays(tmp):                                  # a directory entry, like the encodings
+    tmp.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(tmp / "units.npy", rng.standard_normal((64, 32)))
+    np.save(tmp / "labels.npy", np.arange(64))
+
+
+def _load_arrays(p):
+    return {k: np.array(np.load(p / f"{k}.npy", mmap_mode="r")) for k in ("units", "labels")}
+
+
+def _tensors(tmp):                                 # a file entry, like the bases and classifiers
+    save_file({"basis": torch.arange(256, dtype=torch.float64).reshape(16, 16)}, str(tmp))
+
+
+def _load_tensors(p):
+    return load_file(str(p))["basis"]
+
+
+class Counter:
+    def __init__(self, build):
+        self.build, self.n = build, 0
+
+    def __call__(self, tmp):
+        self.n += 1
+        self.build(tmp)
+
+
+def _flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _entry(cache, kind, spec, suffix=""):
+    return cache.path(kind, spec, suffix)
+
+
+def test_manifest_written_with_the_entry(tmp_path):
+    cache = Cache(tmp_path)
+    cache.get_or_build("encodings", {"a": 1}, _arrays, _load_arrays)
+    entry = _entry(cache, "encodings", {"a": 1})
+    files = json.loads(manifest_path(entry).read_text())["files"]
+    assert sorted(files) == ["labels.npy", "spec.json", "units.npy"]
+    assert files["units.npy"][0] == (entry / "units.npy").stat().st_size
+
+
+@pytest.mark.parametrize("verify", ["once", "always"])
+def test_flipped_bytes_in_an_npy_entry_are_caught_and_rebuilt(tmp_path, verify, caplog):
+    build = Counter(_arrays)
+    want = _load_arrays_fresh(tmp_path)
+    Cache(tmp_path, verify=verify).get_or_build("encodings", {"a": 1}, build, _load_arrays)
+    cache = Cache(tmp_path, verify=verify)
+    entry = _entry(cache, "encodings", {"a": 1})
+    _flip(entry / "units.npy", 1000)                    # inside the float data: loads fine, silently wrong
+    cache_mod._verified.clear()                         # a new process
+    with caplog.at_level(logging.WARNING, "residual_exp.cache"):
+        got = cache.get_or_build("encodings", {"a": 1}, build, _load_arrays)
+    assert build.n == 2
+    assert np.array_equal(got["units"], want["units"]) and np.array_equal(got["labels"], want["labels"])
+    assert "units.npy: checksum mismatch" in caplog.text and entry.name in caplog.text
+    damaged = list((entry.parent / DAMAGED_DIR).iterdir())
+    assert len(damaged) == 1 and "checksum mismatch" in (damaged[0] / "why.txt").read_text()
+    assert (damaged[0] / entry.name / "units.npy").exists()            # kept, not deleted
+
+
+def _load_arrays_fresh(tmp_path):
+    fresh = tmp_path / "fresh"
+    _arrays(fresh)
+    return _load_arrays(fresh)
+
+
+@pytest.mark.parametrize("verify", ["once", "size"])
+def test_truncated_npy_is_rebuilt_not_a_numpy_error(tmp_path, verify):
+    build = Counter(_arrays)
+    cache = Cache(tmp_path, verify=verify)
+    cache.get_or_build("encodings", {"a": 1}, build, _load_arrays)
+    units = _entry(cache, "encodings", {"a": 1}) / "units.npy"
+    units.write_bytes(units.read_bytes()[:-100])
+    cache_mod._verified.clear()
+    got = cache.get_or_build("encodings", {"a": 1}, build, _load_arrays)
+    assert build.n == 2 and got["units"].shape == (64, 32)
+
+
+def test_broken_safetensors_header_and_flipped_data_are_rebuilt(tmp_path):
+    build = Counter(_tensors)
+    cache = Cache(tmp_path)
+    want = cache.get_or_build("bases", {"b": 1}, build, _load_tensors, suffix=".safetensors")
+    entry = _entry(cache, "bases", {"b": 1}, ".safetensors")
+    for offset in (10, entry.stat().st_size - 8):       # in the JSON header; in the float64 data
+        _flip(entry, offset)
+        cache_mod._verified.clear()
+        got = cache.get_or_build("bases", {"b": 1}, build, _load_tensors, suffix=".safetensors")
+        assert torch.equal(got, want)
+    assert build.n == 3 and len(list((entry.parent / DAMAGED_DIR).iterdir())) == 2
+
+
+def test_verify_size_catches_a_broken_header_through_the_loader_but_not_flipped_data(tmp_path):
+    """Documented: ``cache.verify=size`` compares sizes only; a same-size flip in the data passes."""
+    build = Counter(_tensors)
+    cache = Cache(tmp_path, verify="size")
+    want = cache.get_or_build("bases", {"b": 1}, build, _load_tensors, suffix=".safetensors")
+    entry = _entry(cache, "bases", {"b": 1}, ".safetensors")
+    _flip(entry, 10)                                    # the loader fails: damaged, rebuilt
+    assert torch.equal(cache.get_or_build("bases", {"b": 1}, build, _load_tensors, suffix=".safetensors"), want)
+    assert build.n == 2
+    _flip(entry, entry.stat().st_size - 8)
+    assert not torch.equal(cache.get_or_build("bases", {"b": 1}, build, _load_tensors, suffix=".safetensors"), want)
+
+
+def test_missing_manifest_means_rebuild(tmp_path, caplog):
+    build = Counter(_arrays)
+    cache = Cache(tmp_path)
+    cache.get_or_build("encodings", {"a": 1}, build, _load_arrays)
+    manifest_path(_entry(cache, "encodings", {"a": 1})).unlink()     # e.g. an entry of an older version
+    cache_mod._verified.clear()
+    with caplog.at_level(logging.WARNING, "residual_exp.cache"):
+        cache.get_or_build("encodings", {"a": 1}, build, _load_arrays)
+    assert build.n == 2 and "no manifest" in caplog.text
+
+
+def test_verify_once_checksums_once_per_process(tmp_path, monkeypatch):
+    calls = []
+    real = cache_mod._checksum
+    monkeypatch.setattr(cache_mod, "_checksum", lambda p: calls.append(p) or real(p))
+    cache_mod._verified.clear()
+    for verify, per_load in (("once", 0), ("always", 3)):
+        cache = Cache(tmp_path / verify, verify=verify)
+        cache.get_or_build("encodings", {"a": 1}, _arrays, _load_arrays)   # build: manifest (3) + first load
+        n = len(calls)
+        for _ in range(3):
+            cache.get_or_build("encodings", {"a": 1}, _arrays, _load_arrays)
+        assert len(calls) - n == 3 * per_load, verify
+
+
+def test_an_entry_that_cannot_be_loaded_after_a_rebuild_is_a_cache_error(tmp_path):
+    def broken_load(p):
+        raise ValueError("mmap length is greater than file size")
+    with pytest.raises(CacheError, match=r"not usable right after it was built .*ValueError: mmap length"):
+        Cache(tmp_path).get_or_build("encodings", {"a": 1}, _arrays, broken_load)
+
+
+REPAIRER = r"""
+import json, os, sys
+from pathlib import Path
+import numpy as np
+from residual_exp.cache import Cache
+
+root, log = sys.argv[1], Path(sys.argv[2])
+
+def build(tmp):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    tmp.mkdir()
+    np.save(tmp / "units.npy", np.arange(1000.0))
+
+value = Cache(root).get_or_build("encodings", {"a": 1}, build, lambda p: float(np.load(p / "units.npy").sum()))
+print(json.dumps(value))
+"""
+
+
+def test_concurrent_jobs_repair_a_damaged_entry_once(tmp_path):
+    script = tmp_path / "repair.py"
+    script.write_text(REPAIRER)
+    log = tmp_path / "builds.log"
+    run = lambda: subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(log)], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run()
+    assert first.communicate(timeout=120)[0].strip() == str(sum(range(1000)) * 1.0)
+    entry = Cache(tmp_path / "cache").path("encodings", {"a": 1})
+    _flip(entry / "units.npy", 200)
+    procs = [run(), run()]                                           # e.g. seed=0 and seed=1 launched together
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert [o[0].strip() for o in outs] == [str(sum(range(1000)) * 1.0)] * 2
+    assert len(log.read_text().split()) == 2                         # built once, repaired once
+    assert len(list((entry.parent / DAMAGED_DIR).iterdir())) == 1
+
+
+# --- task=cache ---------------------------------------------------------------------------------------
+def _task(tmp_path, action, dry_run=False, verify="once"):
+    from residual_exp.tasks.cache import cache_task
+    return cache_task(OmegaConf.create({"cache": {"dir": str(tmp_path), "verify": verify},
+                                        "task": {"name": "cache", "action": action, "dry_run": dry_run,
+                                                 "kinds": ["encodings", "bases", "classifiers"]}}))
+
+
+def test_task_cache_list_verify_prune(tmp_path, capsys):
+    cache = Cache(tmp_path)
+    cache.get_or_build("encodings", {"a": 1, "model": {"name": "tiny_clip"}}, _arrays, _load_arrays)
+    cache.get_or_build("bases", {"b": 1}, _tensors, _load_tensors, suffix=".safetensors")
+    assert _task(tmp_path, "list") == 0
+    out = capsys.readouterr().out
+    assert "2 entries" in out and "tiny_clip" in out and "NO" not in out
+
+    assert _task(tmp_path, "verify") == 0
+    assert "2 of 2 entries OK" in capsys.readouterr().out
+    entry = cache.path("bases", {"b": 1}, ".safetensors")
+    _flip(entry, entry.stat().st_size - 8)
+    assert _task(tmp_path, "verify") == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED  bases/{entry.name}: .: checksum mismatch" in out and "1 of 2 entries OK" in out
+    assert not entry.exists() and (entry.parent / DAMAGED_DIR).is_dir()
+
+    (entry.parent / f".{entry.name}.host-1-abc.tmp").write_text("left by a killed builder")
+    assert _task(tmp_path, "prune", dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert f"would remove bases/{DAMAGED_DIR}" in out and ".tmp" in out
+    assert (entry.parent / DAMAGED_DIR).exists()
+    assert _task(tmp_path, "prune") == 0
+    assert not (entry.parent / DAMAGED_DIR).exists()
+    assert not list(entry.parent.glob(".*.tmp")) and not list(entry.parent.glob(f"{entry.name}*"))
+    assert cache.path("encodings", {"a": 1, "model": {"name": "tiny_clip"}}).is_dir()   # live entries stay
+    assert _task(tmp_path, "verify") == 0
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+TINY = ["dataset.params.n_train=96", "dataset.params.n_val=48", "dataset.params.n_test=48",
+        "dataset.params.n_reference=96", "model.pretrained=null", "trainer=fast", "trainer.max_epochs=2",
+        "method=residual_fine", "logger=none", "resume=false"]
+
+
+def test_damaged_encoding_does_not_change_the_result(tmp_path):
+    from residual_exp.run import run
+    cfg = compose_cfg(TINY, tmp_path)
+    assert run(cfg) == 0
+    first = json.loads((tmp_path / "run" / "results.json").read_text())
+    for npy in sorted((tmp_path / "cache" / "encodings").glob("*/*.npy")):
+        _flip(npy, npy.stat().st_size // 2)                          # every cached encoding, silently
+    bases = sorted((tmp_path / "cache" / "bases").glob("*/*.safetensors"))
+    assert bases
+    for st in bases:
+        _flip(st, st.stat().st_size - 8)                             # and every cached PCA basis
+    cache_mod._verified.clear()                                      # as in a new process
+    cfg = compose_cfg(TINY, tmp_path)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run2")
+    assert run(cfg) == 0
+    again = json.loads((tmp_path / "run2" / "results.json").read_text())
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rs]
+    assert strip(again) == strip(first)
+    assert list((tmp_path / "cache" / "encodings" / DAMAGED_DIR).iterdir())
+    assert list((tmp_path / "cache" / "bases" / DAMAGED_DIR).iterdir())

@@ -227,7 +227,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
-    run_name: str = "${model.name}-${dataset.name}-${method.name}"
+    run_name: str = "${run_name:${task.name},${model.name},${dataset.name},${method.name}}"
     resume: bool = True                # task=train: skip jobs already finished for the same config (sweep.py)
 
 
@@ -236,12 +236,22 @@ def _unique_id() -> str:
     return uuid.uuid4().hex[:6]
 
 
+def _run_name(task: str, model: str, dataset: str, method: str) -> str:
+    """The run folder's name: ``model-dataset-method`` for training, the task (and what it is
+    about) otherwise, so that e.g. ``task=predict`` runs do not land among the default model's runs."""
+    if task == "train":
+        return f"{model}-{dataset}-{method}"
+    about = {"check_decomposition": model, "inspect_data": dataset, "evaluate": dataset}.get(task)
+    return f"{task}-{about}" if about else task
+
+
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     # ${uid:}: a short random token, resolved once per config (run / sweep folders are never shared)
     OmegaConf.register_new_resolver("uid", _unique_id, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
 
     from .analysis.config import register_analysis_configs
     cs = ConfigStore.instance()

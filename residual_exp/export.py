@@ -201,9 +201,9 @@ class AdaptedModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.folded = folded
-        for k, v in folded.tensors().items():
-            self.register_buffer("folded_" + k.replace(".", "__"), v.float())
-        self.register_buffer("classifier", classifier_weight.float())
+        for k, v in folded.tensors().items():                 # the dtype given (float32 from an export folder)
+            self.register_buffer("folded_" + k.replace(".", "__"), v)
+        self.register_buffer("classifier", classifier_weight)
         self.scale, self.normalize_weights = float(scale), bool(normalize_weights)
         self.classnames, self.config = list(classnames), config
         self.preprocess = backbone.transform

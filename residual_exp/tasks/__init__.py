@@ -11,9 +11,11 @@ from ..store import resumable
 from .analysis import analysis
 from .cache import cache_task
 from .check_decomposition import check_decomposition
+from .evaluate import evaluate
 from .export import export
 from .inspect_data import inspect_data
 from .plan import plan
+from .predict import predict
 from .pretrain_tiny_clip import pretrain_tiny_clip
 from .report import report
 from .train import train
@@ -28,6 +30,8 @@ TASKS: dict[str, Callable] = {
     "plan": plan,
     "export": export,
     "cache": cache_task,
+    "predict": predict,
+    "evaluate": evaluate,
 }
 
 

@@ -115,7 +115,8 @@ def export(cfg) -> int:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / TENSORS_FILE))
         if copy:
-            save_file({k: v.detach().float().contiguous() for k, v in backbone.state_dict().items()},
+            # the library model's own state dict: what model.weights= loads (clones: no shared storage)
+            save_file({k: v.detach().float().contiguous().clone() for k, v in backbone.model.state_dict().items()},
                       str(tmp / BACKBONE_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20

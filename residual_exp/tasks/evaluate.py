@@ -1,0 +1,85 @@
+"""``task=evaluate model_dir=DIR dataset=NAME``: accuracy of an export on any dataset's split.
+
+Classifies ``task.split`` (default test) of ``dataset=`` with the export (``task=export``) and
+writes ``results.json`` in the format of ``task=train`` (one record: the export's model, method,
+seed and parameter count; ``dataset`` and the accuracy on the evaluated set; ``trained_on`` the
+dataset the method was trained on).  When the dataset's classes are the export's, its own head is
+used; otherwise (transfer) a zero-shot head is built from the dataset's class names and templates
+with the export's text tower — the image side stays the adapted encoder.  Models without a text
+tower (prototype heads) can only be evaluated on their own classes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..results import results_table, write_results
+from ..runtime import resolve_device, run_dir_of
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate_split(model, split, batch_size: int, weights: torch.Tensor | None, progress: bool) -> float:
+    """Micro top-1 accuracy of ``model`` on ``split``; ``weights`` (unit-norm ``[C, D]``) replaces
+    the export's head (its scale does not change the argmax)."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from ..data.registry import stack_images
+    device = next(model.parameters()).device
+    correct = total = 0
+    for images, labels in tqdm(DataLoader(split, batch_size=batch_size, collate_fn=stack_images), desc="evaluate",
+                               disable=not progress, leave=False):
+        images = images.to(device)
+        if weights is None:
+            logits = model(images)
+        else:
+            logits = F.normalize(model.encode_image(images), dim=-1) @ weights.to(device).T
+        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        total += len(labels)
+    if total == 0:
+        raise ValueError(f"{split.name}/{split.split}: no images to evaluate")
+    return correct / total
+
+
+def evaluate(cfg) -> int:
+    from ..classifiers import zero_shot_weights
+    from ..data.errors import DatasetError
+    from ..data.registry import build_split
+    t0 = time.time()
+    from ..export import load_adapted
+    model = load_adapted(str(cfg.model_dir), device=resolve_device(cfg.device))
+    split = build_split(cfg.dataset, str(cfg.task.split), model.preprocess)
+    conf, prov = model.config, model.config["provenance"]
+    progress = bool(cfg.trainer.progress_bar)
+    weights, head = None, "export"
+    if list(split.classnames) != list(model.classnames):
+        if not model.backbone.has_text:
+            raise DatasetError(
+                f"dataset={cfg.dataset.name}: its {len(split.classnames)} classes are not the export's "
+                f"{len(model.classnames)} ({prov['dataset']}), and {conf['backbone']['name']} has no text tower to build "
+                "a head for them: evaluate a prototype-head export on its own classes")
+        weights = zero_shot_weights(model.backbone, split.classnames, split.templates, next(model.parameters()).device,
+                                    progress=progress).float()
+        head = "zero-shot (new classes)"
+    acc = evaluate_split(model, split, int(cfg.task.batch_size), weights, progress)
+    key = "test_accuracy" if cfg.task.split == "test" else f"{cfg.task.split}_accuracy"
+    record = {"model": conf["backbone"]["name"], "dataset": str(cfg.dataset.name), "method": conf["method"],
+              "trainable_params": prov.get("trainable_params"), "val_accuracy": None, "test_accuracy": None,
+              "zero_shot_val_accuracy": None, "zero_shot_test_accuracy": None, "seed": prov.get("seed"),
+              "wall_seconds": round(time.time() - t0, 2), key: acc, "split": str(cfg.task.split),
+              "n_images": len(split), "trained_on": prov.get("dataset"), "head": head,
+              "export": str(cfg.model_dir), "units_convention": conf["conventions"]["units"],
+              "classifier": conf["classifier"]["kind"], "compat": conf.get("compat", "none"),
+              "cache_layout": conf.get("cache_layout")}
+    out = run_dir_of(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_results([record], out)
+    print(results_table([record]))
+    print(f"{conf['method']} ({prov.get('dataset')}) on {cfg.dataset.name}/{cfg.task.split}: accuracy {acc:.4f} "
+          f"({len(split)} images, head: {head}) → {path}")
+    return 0

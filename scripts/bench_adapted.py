@@ -1,0 +1,103 @@
+"""Exported adapted forward ÷ plain forward, side by side (random weights, CPU).
+
+For each architecture (open_clip ViT-B/16 and ViT-L/14 by default, random weights) the script
+fits bases on a few encoded images, builds residual_full and residual_fine adapters with random
+λ ~ N(1, 1) through the real construction path, folds them with :func:`residual_exp.export.fold`
+(what ``task=export`` writes) and times ``AdaptedModel.encode_image`` against the backbone's plain
+``encode_image`` on the same batch, interleaved (plain, adapted, plain, adapted, …) so that both
+see the same machine state.  Goal: ratio ≤ 1.05 (the fold replaces the readout by a few CLS-token
+matrix products; the ``[B, U, D]`` unit stack is never built).
+
+    python scripts/bench_adapted.py                  # ViT-B-16 and ViT-L-14, batch 8
+    python scripts/bench_adapted.py --quick          # a small ViT for a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cache import fit, method_cfg, tiled  # noqa: E402
+
+from residual_exp.backbones import build_backbone  # noqa: E402
+from residual_exp.encode import Encoded, source_for, storage_arrays  # noqa: E402
+from residual_exp.export import AdaptedModel, Folded, fold  # noqa: E402
+from residual_exp.methods import build_adapter  # noqa: E402
+from residual_exp.tables import text_table  # noqa: E402
+
+
+def backbone(arch: str, image_size: int | None):
+    cfg = OmegaConf.create(dict(name=arch, family="open_clip", arch=arch, pretrained=None, weights=None,
+                                image_size=image_size, precision="fp32", logit_scale=100.0, cache_dir=None,
+                                params={"quick_gelu": False}))
+    return build_backbone(cfg).eval()
+
+
+def adapted(bb, method: str, enc: Encoded) -> AdaptedModel:
+    ub, ob = fit(enc.source, enc, bb.output_dim)
+    ad = build_adapter(method_cfg(method), enc.source, bb.output_dim, ub, ob, seed=0).double()
+    state = ad.state_dict()
+    folded = fold(method, state, bb.double().readout(), "lowrank", method_cfg(method).others)
+    bb.float()
+    head = torch.nn.functional.normalize(torch.randn(100, bb.output_dim), dim=-1)
+    tensors = {k: v.float() for k, v in folded.tensors().items()}   # as in an export folder
+    return AdaptedModel(bb, Folded.from_tensors(tensors, bb.output_dim), head, 100.0, True,
+                        [str(i) for i in range(100)], {}).eval()
+
+
+@torch.no_grad()
+def interleaved(fns: dict, x: torch.Tensor, reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f(x)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f(x)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", nargs="+", default=["ViT-B-16", "ViT-L-14"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--images", type=int, default=8, help="images encoded to fit the bases")
+    ap.add_argument("--quick", action="store_true", help="ViT-B-32 at 64 px, 3 repetitions (smoke run)")
+    args = ap.parse_args()
+    size = None
+    if args.quick:
+        args.archs, args.reps, args.batch, args.images, size = ["ViT-B-32"], 3, 4, 4, 64
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    rows = []
+    for arch in args.archs:
+        bb = backbone(arch, size)
+        x = torch.randn(args.batch, 3, bb.image_size, bb.image_size)
+        probe = torch.randn(args.images, 3, bb.image_size, bb.image_size)
+        low = {k: v.numpy() for k, v in storage_arrays(bb, probe, "lowrank").items()}
+        enc = Encoded(tiled(low, 512, "float32"), np.zeros(512, np.int64), "lowrank", source_for(bb, "lowrank"))
+        models = {m: adapted(bb, m, enc) for m in ("residual_full", "residual_fine")}
+        fns = {"plain": bb.encode_image, **{m: mdl.encode_image for m, mdl in models.items()}}
+        t = interleaved(fns, x, args.reps)
+        for m in models:
+            rows.append({"arch": arch, "method": m, "batch": args.batch, "plain ms": f"{t['plain'] * 1e3:.1f}",
+                         "adapted ms": f"{t[m] * 1e3:.1f}", "adapted ÷ plain": f"{t[m] / t['plain']:.3f}"})
+        print(f"{arch} done", flush=True)
+    print(text_table(rows, list(rows[0]), right_from=2))
+    print("goal: adapted ÷ plain ≤ 1.05 (CPU, random weights, median of interleaved repetitions)")
+
+
+if __name__ == "__main__":
+    main()

@@ -38,6 +38,10 @@ class UnsupportedArchitecture(ValueError):
     """The readout is not linear in the residual units (attention pooling, ResNets, …)."""
 
 
+class UnknownArchitecture(UnsupportedArchitecture):
+    """``model.arch`` names no architecture of its family (the message lists where to look)."""
+
+
 class Backbone(nn.Module, abc.ABC):
     family: str = "?"
 

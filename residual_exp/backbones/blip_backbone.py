@@ -54,7 +54,7 @@ import torch.nn as nn
 
 from ..decompose.readout import Lens, lens_from
 from ..decompose.stack import cls_heads_pre_hook, cls_input_pre_hook
-from .base import Backbone, UnsupportedArchitecture, register_backbone
+from .base import Backbone, UnknownArchitecture, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def blip_config(arch: str, image_size: int | None = None, params: dict | None = 
     overrides and (for random weights) ``image_size``."""
     from transformers import BlipConfig
     if arch not in PRESETS:
-        raise KeyError(f"model.arch={arch!r} is not a BLIP preset; valid: {sorted(PRESETS)}")
+        raise UnknownArchitecture(f"model.arch={arch!r} is not a BLIP preset; valid: {sorted(PRESETS)}")
     params = dict(params or {})
     kw = copy.deepcopy(PRESETS[arch])
     kw["vision_config"].update(dict(params.get("vision_config") or {}))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..decompose.readout import Lens, lens_from
 from ..decompose.stack import cls_input_pre_hook, layer_scale
-from .base import Backbone, UnsupportedArchitecture, register_backbone
+from .base import Backbone, UnknownArchitecture, UnsupportedArchitecture, register_backbone
 from .timm_backbone import TimmTower
 from .weights import WeightsUnavailable, check_local_file, offline_hint
 
@@ -325,7 +325,7 @@ def create_open_clip(arch: str, pretrained: str | None, weights: str | None, ima
     :class:`LazyTokenizer` (loaded on first use)."""
     import open_clip
     if arch not in open_clip.list_models():
-        raise KeyError(f"model.arch={arch!r} is not an open_clip architecture; "
+        raise UnknownArchitecture(f"model.arch={arch!r} is not an open_clip architecture; "
                        f"see open_clip.list_models() (e.g. ViT-B-16, ViT-L-14)")
     check_open_clip_arch(arch)   # before any weights, text tower or tokenizer
     source = None

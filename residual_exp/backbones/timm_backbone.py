@@ -88,7 +88,7 @@ import torch.nn as nn
 
 from ..decompose.readout import Lens, lens_from
 from ..decompose.stack import cls_heads_pre_hook, cls_input_pre_hook, layer_scale
-from .base import Backbone, UnsupportedArchitecture, register_backbone
+from .base import Backbone, UnknownArchitecture, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
 
 log = logging.getLogger(__name__)
@@ -165,45 +165,41 @@ def _check_vit(model: nn.Module) -> None:
                                               "not LayerScale or Identity")
 
 
-def _check_eva(model: nn.Module) -> None:
-    from timm.layers import AttentionRope
-    from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
-    _check_overrides(model, Eva)
+def _check_blocks(model: nn.Module, root: type, block_cls: type, attn_classes: tuple, post_norm: type,
+                  post_norm_why: str) -> None:
+    """The shared checks of a CLS-pooled timm model made of pre-norm ``block_cls`` blocks whose
+    attention is one of ``attn_classes`` (unmodified ``forward``); ``post_norm`` blocks are refused
+    with ``post_norm_why``."""
+    _check_overrides(model, root)
     _check_pool(model)
     _final_norm(model)
     for i, block in enumerate(model.blocks):
-        if isinstance(block, EvaBlockPostNorm):
+        if isinstance(block, post_norm):
+            raise UnsupportedArchitecture(f"blocks[{i}] is {post_norm.__name__} ({post_norm_why}")
+        if not isinstance(block, block_cls) or type(block).forward is not block_cls.forward:
             raise UnsupportedArchitecture(
-                f"blocks[{i}] is EvaBlockPostNorm (use_post_norm=True, e.g. EVA02-E): a norm over the summed "
-                "heads after the output projection mixes the heads, so per-head units are undefined")
-        if not isinstance(block, EvaBlock) or type(block).forward is not EvaBlock.forward:
-            raise UnsupportedArchitecture(
-                f"blocks[{i}] is {type(block).__name__}, not timm's pre-norm EvaBlock: not supported")
+                f"blocks[{i}] is {type(block).__name__}, not timm's pre-norm {block_cls.__name__}: not supported")
         attn = block.attn
-        if not isinstance(attn, (EvaAttention, AttentionRope)) or \
-                type(attn).forward not in (EvaAttention.forward, AttentionRope.forward):
+        if not isinstance(attn, attn_classes) or type(attn).forward not in [c.forward for c in attn_classes]:
             raise UnsupportedArchitecture(
-                f"blocks[{i}].attn is {type(attn).__name__}, not EvaAttention / AttentionRope: "
+                f"blocks[{i}].attn is {type(attn).__name__}, not {' / '.join(c.__name__ for c in attn_classes)}: "
                 "per-head outputs unavailable")
+
+
+def _check_eva(model: nn.Module) -> None:
+    from timm.layers import AttentionRope
+    from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+    _check_blocks(model, Eva, EvaBlock, (EvaAttention, AttentionRope), EvaBlockPostNorm,
+                  "use_post_norm=True, e.g. EVA02-E): a norm over the summed heads after the output projection "
+                  "mixes the heads, so per-head units are undefined")
 
 
 def _check_relpos(model: nn.Module) -> None:
     from timm.models.vision_transformer_relpos import (RelPosAttention, RelPosBlock, ResPostRelPosBlock,
                                                        VisionTransformerRelPos)
-    _check_overrides(model, VisionTransformerRelPos)
-    _check_pool(model)
-    _final_norm(model)
-    for i, block in enumerate(model.blocks):
-        if isinstance(block, ResPostRelPosBlock):
-            raise UnsupportedArchitecture(
-                f"blocks[{i}] is ResPostRelPosBlock (res-post-norm, vit_relpos_*_rpn): the norm on the "
-                "attention branch's output mixes the heads, so per-head units are undefined")
-        if not isinstance(block, RelPosBlock) or type(block).forward is not RelPosBlock.forward:
-            raise UnsupportedArchitecture(
-                f"blocks[{i}] is {type(block).__name__}, not timm's pre-norm RelPosBlock: not supported")
-        if not isinstance(block.attn, RelPosAttention) or type(block.attn).forward is not RelPosAttention.forward:
-            raise UnsupportedArchitecture(
-                f"blocks[{i}].attn is {type(block.attn).__name__}, not RelPosAttention: per-head outputs unavailable")
+    _check_blocks(model, VisionTransformerRelPos, RelPosBlock, (RelPosAttention,), ResPostRelPosBlock,
+                  "res-post-norm, vit_relpos_*_rpn): the norm on the attention branch's output mixes the heads, "
+                  "so per-head units are undefined")
 
 
 def check_timm_model(model: nn.Module) -> str:
@@ -449,7 +445,7 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
 
     params = dict(params or {})
     if arch not in timm.list_models():
-        raise KeyError(f"model.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*') "
+        raise UnknownArchitecture(f"model.arch={arch!r} is not a timm architecture; see timm.list_models('vit_*') "
                        "(e.g. vit_large_patch16_224, vit_large_patch14_dinov2)")
     # no classifier head: the feature is the pre-logits CLS token, and a head would count as
     # (untrained) finetune parameters

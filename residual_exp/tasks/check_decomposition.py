@@ -198,49 +198,45 @@ def _ref_timm_trunk(m: nn.Module, images: torch.Tensor):
     return embed, zs, mlps, h[:, 0], w_o, b_o, ls1, _layer_norm_or_none(final)
 
 
-def _ref_open_clip_vit(v: nn.Module, images: torch.Tensor):
-    h = v._embeds(images)                                                 # [B, N, W] (ln_pre applied)
+def _ref_pre_norm(h: torch.Tensor, blocks, parts):
+    """``(embed, z, mlps, x, w_o, b_o, ls1)`` of pre-norm blocks ``x + g1·proj(attn(ln1 x))``,
+    ``x + mlp(x)``; ``parts(block) -> (ln1, qkv(y) -> q, k, v [B, H, N, Dh], scale, proj, g1, mlp)``."""
     embed, zs, mlps, w_o, b_o, ls1 = h[:, 0], [], [], [], [], []
-    for blk in v.transformer.resblocks:
-        mha = blk.attn
-        H = mha.num_heads
-        y = blk.ln_1(h)
+    for blk in blocks:
+        ln1, qkv, scale, proj, g1, mlp = parts(blk)
+        y = ln1(h)
         B, N, W = y.shape
-        q, k, vv = F.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
-        z = _attend(_heads(q, H), _heads(k, H), _heads(vv, H), (W // H) ** -0.5)   # [B, H, N, Dh]
+        q, k, v = qkv(y)
+        z = _attend(q, k, v, scale)                                       # [B, H, N, Dh]
         zs.append(z[:, :, 0])
-        out = mha.out_proj(z.transpose(1, 2).reshape(B, N, W))
-        g1 = getattr(blk.ls_1, "gamma", None)
+        out = proj(z.transpose(1, 2).reshape(B, N, W))
         h = h + (g1 * out if g1 is not None else out)
-        mlp = blk.ls_2(blk.mlp(blk.ln_2(h)))
-        mlps.append(mlp[:, 0])
-        h = h + mlp
-        w_o.append(mha.out_proj.weight.reshape(W, H, -1))
-        b_o.append(mha.out_proj.bias)
+        m = mlp(h)
+        mlps.append(m[:, 0])
+        h = h + m
+        w_o.append(proj.weight.reshape(W, z.shape[1], -1))
+        b_o.append(proj.bias)
         ls1.append(g1)
-    return embed, zs, mlps, h[:, 0], w_o, b_o, ls1, _layer_norm_or_none(v.ln_post)
+    return embed, zs, mlps, h[:, 0], w_o, b_o, ls1
+
+
+def _ref_open_clip_vit(v: nn.Module, images: torch.Tensor):
+    def parts(blk):
+        mha = blk.attn
+        qkv = lambda y: [_heads(t, mha.num_heads) for t in F.linear(y, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)]
+        return (blk.ln_1, qkv, mha.head_dim ** -0.5, mha.out_proj, getattr(blk.ls_1, "gamma", None),
+                lambda h: blk.ls_2(blk.mlp(blk.ln_2(h))))
+    pieces = _ref_pre_norm(v._embeds(images), v.transformer.resblocks, parts)   # (ln_pre applied)
+    return (*pieces, _layer_norm_or_none(v.ln_post))
 
 
 def _ref_blip(vm: nn.Module, images: torch.Tensor, interpolate: bool):
-    kw = {"interpolate_pos_encoding": True} if interpolate else {}
-    h = vm.embeddings(images, **kw)
-    embed, zs, mlps, w_o, b_o, ls1 = h[:, 0], [], [], [], [], []
-    for layer in vm.encoder.layers:
+    def parts(layer):
         sa = layer.self_attn
-        H = sa.num_heads
-        y = layer.layer_norm1(h)
-        B, N, W = y.shape
-        q, k, v = sa.qkv(y).reshape(B, N, 3, H, W // H).permute(2, 0, 3, 1, 4)
-        z = _attend(q, k, v, sa.scale)
-        zs.append(z[:, :, 0])
-        h = h + sa.projection(z.transpose(1, 2).reshape(B, N, W))
-        mlp = layer.mlp(layer.layer_norm2(h))
-        mlps.append(mlp[:, 0])
-        h = h + mlp
-        w_o.append(sa.projection.weight.reshape(W, H, -1))
-        b_o.append(sa.projection.bias)
-        ls1.append(None)
-    return embed, zs, mlps, h[:, 0], w_o, b_o, ls1, _layer_norm_or_none(vm.post_layernorm)
+        qkv = lambda y: sa.qkv(y).reshape(*y.shape[:2], 3, sa.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return layer.layer_norm1, qkv, sa.scale, sa.projection, None, lambda h: layer.mlp(layer.layer_norm2(h))
+    h = vm.embeddings(images, **({"interpolate_pos_encoding": True} if interpolate else {}))
+    return (*_ref_pre_norm(h, vm.encoder.layers, parts), _layer_norm_or_none(vm.post_layernorm))
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -259,3 +260,14 @@ def test_pretrained_weights_are_not_perturbed(capsys, tmp_path):
               str(path))
     assert check_decomposition(_task_cfg(dict(TIMM_CFG, weights=str(path)))) == 0
     assert "pretrained weights: not perturbed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset, arch, where", [("timm", "vit_nope", "timm.list_models"),
+                                                 ("open_clip", "ViT-X-99", "open_clip.list_models()"),
+                                                 ("blip_l_flickr", "blip-nope", "blip-itm-large")])
+def test_unknown_architecture_is_a_user_error_naming_where_to_look(preset, arch, where):
+    from residual_exp.backbones import build_backbone
+    from residual_exp.backbones.base import UnknownArchitecture
+    from tests.unit.test_decompose_tiny import model_cfg
+    with pytest.raises(UnknownArchitecture, match=f"model.arch='{arch}' is not a.*{re.escape(where)}"):
+        build_backbone(model_cfg(name=preset, arch=arch, pretrained=None))

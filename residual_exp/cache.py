@@ -122,11 +122,14 @@ def verify_entry(entry: Path, mode: str = "always") -> None:
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         raise DamagedEntry(f"files differ from the manifest (missing: {missing or '-'}, unexpected: {extra or '-'})")
     for rel, (size, digest) in want.items():
-        got = have[rel].stat().st_size
-        if got != size:
-            raise DamagedEntry(f"{rel}: {got} bytes, the manifest says {size} (truncated or rewritten)")
-        if mode != "size" and _checksum(have[rel]) != digest:
-            raise DamagedEntry(f"{rel}: checksum mismatch (the bytes changed after the entry was built)")
+        try:                                     # OSError: unreadable, or moved aside meanwhile by another job
+            got = have[rel].stat().st_size
+            if got != size:
+                raise DamagedEntry(f"{rel}: {got} bytes, the manifest says {size} (truncated or rewritten)")
+            if mode != "size" and _checksum(have[rel]) != digest:
+                raise DamagedEntry(f"{rel}: checksum mismatch (the bytes changed after the entry was built)")
+        except OSError as e:
+            raise DamagedEntry(f"{rel}: cannot be read ({e.strerror or e})") from None
 
 
 def side_files(entry: Path) -> list[Path]:

@@ -4,15 +4,21 @@
     python -m residual_exp task=cache task.action=verify       # checksums of every entry; exit 1 if any is damaged
     python -m residual_exp task=cache task.action=prune [task.dry_run=true]
 
+``list`` prints one row per entry (size, build time, what it holds, and ``check``: its sizes
+against its manifest — cheap, no checksums; ``task.action=verify`` reads every byte).
 ``verify`` checks every entry against its manifest (sizes and BLAKE2b checksums; sizes only with
 ``cache.verify=size``) and moves damaged ones to ``<kind>/.damaged/`` (the next run rebuilds
-them).  ``prune`` removes ``.damaged/``, temporaries of builders that are no longer running,
-lock files and side files without an entry.  ``task.kinds`` selects the kinds.  Nothing here
-builds a model or reads a dataset.  See :mod:`residual_exp.cache`.
+them).  ``prune`` removes ``.damaged/``, temporaries of builders that are no longer running
+(their entry's lock is free and, on this host, their pid is gone; ``.nocache`` temporaries of
+another host only after a day), lock files and side files without an entry.  ``task.kinds``
+selects the kinds.  Nothing here builds a model or reads a dataset.  See :mod:`residual_exp.cache`.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import time
 from pathlib import Path
 
@@ -50,23 +56,43 @@ def _summary(entry: Path) -> str:
     return " ".join(str(p) for p in parts if p) or ", ".join(sorted(spec))[:60]
 
 
+def _check(entry: Path) -> str:
+    """Sizes against the manifest (no checksums): ``sizes ok``, ``no manifest`` or ``DAMAGED``."""
+    if not manifest_path(entry).exists():
+        return "no manifest"
+    try:
+        verify_entry(entry, "size")
+        return "sizes ok"
+    except DamagedEntry:
+        return "DAMAGED"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f}"
 
 
 def _list(root: Path, kinds: list[str]) -> int:
-    rows, total = [], 0
+    """One table per kind (entry, size, build time, size check, what it holds) and totals."""
+    n = total = bad = 0
     for kind in kinds:
+        rows, kind_total = [], 0
         for e in entries(root / kind):
             size = _size(e)
-            total += size
-            rows.append({"kind": kind, "entry": e.name, "MiB": _mib(size),
-                         "built": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.stat().st_mtime)),
-                         "manifest": "yes" if manifest_path(e).exists() else "NO", "holds": _summary(e)})
-    if rows:
-        print(text_table(rows, ["kind", "entry", "MiB", "built", "manifest", "holds"]))
+            kind_total += size
+            rows.append({"entry": e.name, "MiB": _mib(size), "check": _check(e), "holds": _summary(e),
+                         "built": time.strftime("%Y-%m-%d %H:%M", time.localtime(e.stat().st_mtime))})
+        total += kind_total
+        if not rows:
+            continue
+        n += len(rows)
+        bad += sum(r["check"] != "sizes ok" for r in rows)
+        print(f"{kind}: {len(rows)} entries, {_mib(kind_total)} MiB")
+        print(text_table(rows, ["entry", "MiB", "built", "check", "holds"]) + "\n")
+    if bad:
+        print(f"{bad} entries damaged or without a manifest: the next run that needs them rebuilds them "
+              "(task.action=verify checks every entry and moves damaged ones aside now)")
     damaged = sum(_size(root / k / DAMAGED_DIR) for k in kinds)
-    print(f"{len(rows)} entries, {_mib(total)} MiB under {root}"
+    print(f"{n} entries, {_mib(total)} MiB under {root}"
           + (f"; {_mib(damaged)} MiB of damaged entries in */{DAMAGED_DIR}/ (task.action=prune removes them)"
              if damaged else ""))
     return 0
@@ -101,6 +127,30 @@ def _free(lock: Path) -> bool:
         return False
 
 
+_TMP = re.compile(r"^\.(?P<rest>.+)-(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|nocache)$")
+
+
+def _builder_alive(tmp: Path, folder: Path) -> bool:
+    """Whether the job that writes the temporary ``tmp`` (``.<entry>.<host>-<pid>-<token>.tmp``)
+    may still be running: its entry's lock is held, or it runs on this host; a ``.nocache``
+    temporary (written without a lock) of another host counts as running for a day."""
+    owner = tmp.name[1:].split(".", 1)[0]
+    if not all(_free(l) for l in folder.glob(f"{owner}*.lock")):
+        return True
+    m = _TMP.match(tmp.name)
+    if not m:
+        return False
+    if m["rest"].endswith("." + socket.gethostname()):
+        try:
+            os.kill(int(m["pid"]), 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:          # exists, another user's
+            return True
+    return tmp.name.endswith(".nocache") and time.time() - tmp.stat().st_mtime < 86400
+
+
 def _prune(root: Path, kinds: list[str], dry_run: bool) -> int:
     doomed: list[Path] = []
     for kind in kinds:
@@ -112,13 +162,12 @@ def _prune(root: Path, kinds: list[str], dry_run: bool) -> int:
         names = {e.name for e in entries(folder)}
         for p in sorted(folder.iterdir()):
             if p.name.startswith(".") and p.name.endswith((".tmp", ".nocache")):          # .<entry>.<token>.tmp
-                owner = p.name[1:].split(".", 1)[0]
-                locks = [l for l in folder.glob(f"{owner}*.lock")]
-                if all(_free(l) for l in locks):
+                if not _builder_alive(p, folder):
                     doomed.append(p)
             elif p.name.endswith(SIDE_SUFFIXES):
                 entry = next((p.name[: -len(s)] for s in SIDE_SUFFIXES if p.name.endswith(s)), p.name)
-                if entry not in names and (not p.name.endswith(".lock") or _free(p)):
+                lock = folder / f"{entry}.lock"          # held: the entry is being built (manifest first)
+                if entry not in names and (not lock.exists() or _free(lock)):
                     doomed.append(p)
     freed = sum(_size(p) for p in doomed)
     for p in doomed:

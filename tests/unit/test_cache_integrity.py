@@ -55,6 +55,14 @@ def _entry(cache, kind, spec, suffix=""):
     return cache.path(kind, spec, suffix)
 
 
+def test_verify_modes_in_step_with_validation_and_refused_otherwise(tmp_path):
+    from residual_exp.validate import CACHE_KINDS, CACHE_VERIFY
+    assert CACHE_VERIFY == cache_mod.VERIFY_MODES
+    assert set(CACHE_KINDS) == {"encodings", "bases", "classifiers"}
+    with pytest.raises(ValueError, match=r"cache.verify='never'; valid: once \| always \| size"):
+        Cache(tmp_path, verify="never")
+
+
 def test_manifest_written_with_the_entry(tmp_path):
     cache = Cache(tmp_path)
     cache.get_or_build("encodings", {"a": 1}, _arrays, _load_arrays)
@@ -233,6 +241,54 @@ def test_task_cache_list_verify_prune(tmp_path, capsys):
     assert _task(tmp_path, "verify") == 0
 
 
+def test_task_cache_list_flags_damage_and_prune_spares_running_builders(tmp_path, capsys):
+    import os
+    import socket
+    from filelock import FileLock
+    cache = Cache(tmp_path)
+    for a in (1, 2, 3):
+        cache.get_or_build("encodings", {"a": a}, _arrays, _load_arrays)
+    short, bare, clean = (cache.path("encodings", {"a": a}) for a in (1, 2, 3))
+    (short / "units.npy").write_bytes((short / "units.npy").read_bytes()[:-10])
+    manifest_path(bare).unlink()
+    assert _task(tmp_path, "list") == 0
+    out = capsys.readouterr().out
+    line = {e: next(l for l in out.splitlines() if e.name in l) for e in (short, bare, clean)}
+    assert "DAMAGED" in line[short] and "no manifest" in line[bare] and "sizes ok" in line[clean]
+    assert "2 entries damaged" in out and "3 entries" in out
+    assert "DAMAGED" and "no manifest" in out and "sizes ok" in out and "2 entries damaged" in out
+
+    folder = tmp_path / "encodings"
+    live = folder / f".{clean.name}.{socket.gethostname()}-{os.getpid()}-0123abcd.nocache"   # this process
+    live.mkdir()
+    dead = folder / f".{clean.name}.{socket.gethostname()}-999999999-0123abcd.tmp"
+    dead.mkdir()
+    building = folder / f"{'f' * 16}"                                # its manifest is written before the rename
+    manifest_path(building).write_text("{}")
+    with FileLock(str(building) + ".lock"):
+        assert _task(tmp_path, "prune") == 0
+    out = capsys.readouterr().out
+    assert dead.name in out and live.name not in out and manifest_path(building).name not in out
+    assert live.exists() and not dead.exists() and manifest_path(building).exists()
+    assert _task(tmp_path, "prune") == 0                             # the builder is gone: an orphan now
+    assert not manifest_path(building).exists() and not (folder / f"{building.name}.lock").exists()
+    assert live.exists()
+
+
+def test_task_cache_through_the_cli_exit_codes(tmp_path):
+    """The real ``python -m residual_exp task=cache``: config, validation, registry, exit code."""
+    cache = Cache(tmp_path / "cache")
+    cache.get_or_build("bases", {"b": 1}, _tensors, _load_tensors, suffix=".safetensors")
+    entry = cache.path("bases", {"b": 1}, ".safetensors")
+    _flip(entry, entry.stat().st_size - 8)
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "residual_exp", "task=cache",
+                                     f"cache.dir={tmp_path / 'cache'}", *a],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = cli("task.action=verify", "task.kinds=[bases]")
+    assert bad.returncode == 1 and f"DAMAGED  bases/{entry.name}" in bad.stdout, bad.stdout + bad.stderr
+    assert "0 of 1 entries OK, 1 damaged" in bad.stdout and not entry.exists()
+
+
 # --- end to end ---------------------------------------------------------------------------------------
 TINY = ["dataset.params.n_train=96", "dataset.params.n_val=48", "dataset.params.n_test=48",
         "dataset.params.n_reference=96", "model.pretrained=null", "trainer=fast", "trainer.max_epochs=2",
@@ -260,3 +316,58 @@ def test_damaged_encoding_does_not_change_the_result(tmp_path):
     assert strip(again) == strip(first)
     assert list((tmp_path / "cache" / "encodings" / DAMAGED_DIR).iterdir())
     assert list((tmp_path / "cache" / "bases" / DAMAGED_DIR).iterdir())
+
+
+# --- data rewritten in place --------------------------------------------------------------------------
+def _image_folder(root, seed, ext):
+    """2 classes x (3 train + 2 test) noisy images; BMP keeps every file's size fixed across rewrites."""
+    from PIL import Image
+    for c_i, c in enumerate(("golden_retriever", "tabby_cat")):
+        for split, n in (("train", 3), ("test", 2)):
+            for k in range(n):
+                path = root / split / c / f"{k}.{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                px = np.random.default_rng([seed, c_i, k, n]).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(px).save(path, format="BMP" if ext == "bmp" else "JPEG", quality=95)
+
+
+def _encode_test_split(data_root, cache_root, content_hash):
+    from residual_exp.backbones import build_backbone
+    from residual_exp.data import vision
+    from residual_exp.data.registry import build_split
+    from residual_exp.encode import dataset_identity, encode_split, model_identity
+    model = OmegaConf.create(dict(name="tiny_clip", family="tiny_clip", arch="tiny-clip", pretrained=None,
+                                  weights=None, image_size=None, precision="auto", logit_scale=100.0,
+                                  cache_dir=None, params={}))
+    data = OmegaConf.create(dict(name="image_folder", root=str(data_root), download=False, batch_size=4,
+                                 num_workers=0, skip_bad_images=False, content_hash=content_hash, params={}))
+    torch.manual_seed(0)
+    bb = build_backbone(model).double().eval()
+    vision.clear_cache()                                             # a fresh open, as a new process does
+    split = build_split(data, "test", bb.transform)
+    ident = {"model": model_identity(model, 0), "dataset": dataset_identity(data, split, bb.transform)}
+    enc = encode_split(bb, split, Cache(cache_root), ident, "cpu", 4, dtype="float64", progress=False)
+    return np.array(enc.features), cache_root / "encodings"
+
+
+@pytest.mark.parametrize("content_hash", [False, True])
+def test_image_folder_rewritten_in_place_gives_new_encodings(tmp_path, content_hash):
+    """Same names, same count, different pixels: a new cache key and encodings of the new pixels.
+    With ``dataset.content_hash=true`` even a rewrite that keeps every size and mtime is caught."""
+    import os
+    ext = "bmp" if content_hash else "jpg"
+    _image_folder(tmp_path / "data", seed=0, ext=ext)
+    before, folder = _encode_test_split(tmp_path / "data", tmp_path / "cache", content_hash)
+    stats = {p: p.stat() for p in (tmp_path / "data").rglob(f"*.{ext}")}
+    _image_folder(tmp_path / "data", seed=1, ext=ext)                # rewritten in place
+    if content_hash:                                                 # e.g. rsync -t / cp -p of other pixels
+        for p, st in stats.items():
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert all(p.stat().st_size == st.st_size and p.stat().st_mtime_ns == st.st_mtime_ns
+                   for p, st in stats.items())
+    after, _ = _encode_test_split(tmp_path / "data", tmp_path / "cache", content_hash)
+    entries = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 2                                         # a new key; the old entry is not reused
+    assert not np.allclose(after, before)
+    fresh, _ = _encode_test_split(tmp_path / "data", tmp_path / "fresh_cache", content_hash)
+    assert np.array_equal(after, fresh)                              # exactly what a clean cache gives

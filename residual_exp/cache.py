@@ -89,7 +89,8 @@ def _files(entry: Path) -> dict[str, Path]:
     return {".": entry}                          # a file entry (its name differs while it is built)
 
 
-def _checksum(path: Path) -> str:
+def file_checksum(path: Path) -> str:
+    """BLAKE2b (128 bit) of a file's bytes, streamed."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -99,7 +100,7 @@ def _checksum(path: Path) -> str:
 
 def manifest_of(entry: Path) -> dict:
     """``{"files": {relative path: [size, blake2b]}}`` of a file or directory entry."""
-    return {"format": 1, "files": {rel: [p.stat().st_size, _checksum(p)] for rel, p in _files(entry).items()}}
+    return {"format": 1, "files": {rel: [p.stat().st_size, file_checksum(p)] for rel, p in _files(entry).items()}}
 
 
 def manifest_path(entry: Path) -> Path:
@@ -126,7 +127,7 @@ def verify_entry(entry: Path, mode: str = "always") -> None:
             got = have[rel].stat().st_size
             if got != size:
                 raise DamagedEntry(f"{rel}: {got} bytes, the manifest says {size} (truncated or rewritten)")
-            if mode != "size" and _checksum(have[rel]) != digest:
+            if mode != "size" and file_checksum(have[rel]) != digest:
                 raise DamagedEntry(f"{rel}: checksum mismatch (the bytes changed after the entry was built)")
         except OSError as e:
             raise DamagedEntry(f"{rel}: cannot be read ({e.strerror or e})") from None

@@ -16,6 +16,9 @@ half-written result for a finished one.  The task registry (:mod:`residual_exp.t
    complete, writes the store entry: artefacts first, then the JSON by an atomic rename.
    The JSON's presence is what marks a cell finished, so a job killed at any point leaves
    either no entry or a complete one.  (Caches have the same property, see ``cache.py``.)
+   The entry records a SHA-256 of its records and the size and BLAKE2b checksum of each
+   artefact; an entry that no longer matches them (or has none) is ignored with a warning
+   naming it, and the job runs again.
 
 ``resume=false`` always recomputes (and refreshes the entry).
 
@@ -52,6 +55,7 @@ are written to every fresh run dir as ``result_key.json``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,7 +68,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import atomic_path, atomic_write_text
-from .cache import spec_hash
+from .cache import file_checksum, spec_hash
 from .encode import model_identity
 from .results import (CLASSES_FILE, LAMBDA_FILE, RESULT_KEYS, ResultsFileError, read_results, results_table,
                       write_results, write_run_config)
@@ -178,7 +182,33 @@ def load_entry(store: Path, key: str, method: str) -> dict | None:
     if why:
         log.warning("resume: ignoring incomplete results entry %s (%s)", path, why)
         return None
+    damaged = _damaged(store, entry)
+    if damaged:
+        log.warning("resume: ignoring damaged results entry %s (%s); the job runs again", path, damaged)
+        return None
     return entry
+
+
+def _records_digest(records) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _damaged(store: Path, entry: dict) -> str | None:
+    """Why ``entry`` (or one of its artefacts) does not match the checksums it was written with."""
+    if "records_sha256" not in entry or "checksums" not in entry:
+        return "no checksums (written by an older version)"
+    if _records_digest(entry["records"]) != entry["records_sha256"]:
+        return "its records changed after they were stored (checksum mismatch)"
+    for name in entry.get("artefacts", []):
+        path = _artefact(store, entry["key"], name)
+        want = entry["checksums"].get(name)
+        try:
+            have = [path.stat().st_size, file_checksum(path)]
+        except OSError as e:
+            return f"artefact {path.name} cannot be read ({e.strerror or e})"
+        if want != have:
+            return f"artefact {path.name} does not match its checksum (size {have[0]}, expected {want and want[0]})"
+    return None
 
 
 def save_entry(store: Path, key: str, spec: dict, run_dir: Path, records: list[dict]) -> Path:
@@ -190,8 +220,11 @@ def save_entry(store: Path, key: str, spec: dict, run_dir: Path, records: list[d
         if src.is_file():
             _link_or_copy(src, _artefact(store, key, name))
             artefacts.append(name)
-    entry = {"key": key, "records": records, "run_dir": str(run_dir), "artefacts": artefacts,
-             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "spec": spec}
+    checksums = {name: [_artefact(store, key, name).stat().st_size, file_checksum(_artefact(store, key, name))]
+                 for name in artefacts}
+    entry = {"key": key, "records": records, "records_sha256": _records_digest(records), "run_dir": str(run_dir),
+             "artefacts": artefacts, "checksums": checksums, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "spec": spec}
     path = store / f"{key}.json"
     atomic_write_text(path, json.dumps(entry, indent=1, default=str))
     return path

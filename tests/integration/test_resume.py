@@ -90,6 +90,22 @@ def test_failed_job_is_not_stored_then_reruns_then_resumes(tmp_path, capsys, mon
     assert not (tmp_path / "r4" / "resumed.json").exists()
     assert json.loads(entries[0].read_text())["records"][1]["method"] == "residual_coarse"
 
+    # an entry whose records or artefacts changed after they were stored is not trusted
+    entry = json.loads(entries[0].read_text())
+    entry["records"][1]["test_accuracy"] = 0.999                        # a silently edited number
+    entries[0].write_text(json.dumps(entry))
+    capsys.readouterr()
+    assert _run(_cfg(tmp_path, "method=residual_coarse"), tmp_path / "r5") == 0
+    assert not (tmp_path / "r5" / "resumed.json").exists()             # recomputed, not copied
+    assert json.loads((tmp_path / "r5" / "results.json").read_text())[1]["test_accuracy"] != 0.999
+    lam = store / "artefacts" / f"{entries[0].stem}.lambda.safetensors"
+    data = bytearray(lam.read_bytes())
+    data[-3] ^= 0xFF
+    os.remove(lam)                                                       # (a hard link of the run's file)
+    lam.write_bytes(bytes(data))
+    assert _run(_cfg(tmp_path, "method=residual_coarse"), tmp_path / "r6") == 0
+    assert not (tmp_path / "r6" / "resumed.json").exists()
+
 
 def _wait_for(predicate, timeout: float, poll: float = 0.02) -> bool:
     t0 = time.time()

@@ -148,8 +148,8 @@ def test_missing_manifest_means_rebuild(tmp_path, caplog):
 
 def test_verify_once_checksums_once_per_process(tmp_path, monkeypatch):
     calls = []
-    real = cache_mod._checksum
-    monkeypatch.setattr(cache_mod, "_checksum", lambda p: calls.append(p) or real(p))
+    real = cache_mod.file_checksum
+    monkeypatch.setattr(cache_mod, "file_checksum", lambda p: calls.append(p) or real(p))
     cache_mod._verified.clear()
     for verify, per_load in (("once", 0), ("always", 3)):
         cache = Cache(tmp_path / verify, verify=verify)

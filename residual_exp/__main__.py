@@ -48,8 +48,19 @@ def _user_error_types() -> tuple[type, ...]:
 
 
 def _message(e: BaseException) -> str:
-    problems = getattr(e, "problems", None) or [str(e).strip() or type(e).__name__]
+    problems = getattr(e, "problems", None) or [_unwrap(str(e).strip()) or type(e).__name__]
     return "\n".join(f"error: {p}" for p in problems)
+
+
+def _unwrap(text: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker (torch puts the
+    worker's traceback into the message: "Caught X in DataLoader worker process 0. Original
+    Traceback …\nmodule.X: message")."""
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and "." in head and " " not in head else last
 
 
 def _multirun() -> bool:

@@ -388,3 +388,13 @@ def test_precheck_expands_sweeps_and_leaves_hydra_flags_alone():
         "max_samples (a '+' would only add a key nothing reads)",
         "method=nope: not a method config; must be one of base | finetune | linear_adapter | residual_coarse | "
         "residual_fine | residual_full | spectral_adapter"], problems
+
+
+def test_errors_re_raised_from_a_dataloader_worker_print_their_own_message():
+    from residual_exp.__main__ import _message
+    from residual_exp.data.errors import BadImageError
+    wrapped = BadImageError("Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                            "call last):\n  File \"x.py\", line 1, in f\n    raise BadImageError(msg)\n"
+                            "residual_exp.data.errors.BadImageError: cannot decode image file '/d/a.jpg' (OSError)")
+    assert _message(wrapped) == "error: cannot decode image file '/d/a.jpg' (OSError)"
+    assert _message(BadImageError("plain: message")) == "error: plain: message"

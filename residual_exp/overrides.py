@@ -47,18 +47,21 @@ def _value(key: str, overrides: Sequence[str]) -> str:
     return "?"
 
 
-def _schema_fields(key: str, composed_task: str | None) -> tuple[str, list[str]]:
+def _schema_fields(key: str, composed_task: str | None, composed_analysis: str | None = None) -> tuple[str, list[str]]:
     """``(node name, its keys)`` of the node that should hold ``key``."""
     import dataclasses
     import typing
 
     from .config import Config
-    from .validate import _field_schema, _task_schemas
+    from .validate import _analysis_schemas, _field_schema, _task_schemas
     parts = key.split(".")[:-1]
     schema, name = Config, "the config"
     for i, p in enumerate(parts):
         if p == "task" and i == 0 and composed_task in _task_schemas():
             schema, name = _task_schemas()[composed_task], f"task ({composed_task})"
+            continue
+        if p == "analysis" and i == 0 and composed_analysis in _analysis_schemas():
+            schema, name = _analysis_schemas()[composed_analysis], f"analysis ({composed_analysis})"
             continue
         hints = typing.get_type_hints(schema)
         sub = _field_schema(hints[p]) if p in hints else None
@@ -68,9 +71,9 @@ def _schema_fields(key: str, composed_task: str | None) -> tuple[str, list[str]]
     return name, [f.name for f in dataclasses.fields(schema)]
 
 
-def _unknown_key(key: str, value: str, task: str | None) -> str:
+def _unknown_key(key: str, value: str, task: str | None, analysis: str | None = None) -> str:
     from .validate import _all_leaf_paths
-    node, fields = _schema_fields(key, task)
+    node, fields = _schema_fields(key, task, analysis)
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.6)
     if close:
@@ -90,6 +93,7 @@ def explain(e: BaseException, overrides: Sequence[str]) -> str:
     from .validate import _group_options, _one_of
     msg = str(e).strip()
     task = next((v for o in overrides for k, _, v in [o.partition("=")] if k == "task"), None)
+    analysis = next((v for o in overrides for k, _, v in [o.partition("=")] if k == "analysis"), None)
     m = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
     if isinstance(e, MissingConfigException) and m:
         group, name = m.groups()
@@ -102,7 +106,7 @@ def explain(e: BaseException, overrides: Sequence[str]) -> str:
     m = re.match(r"Could not override '([^']+)'", msg)
     if m:
         key = m.group(1)
-        return _unknown_key(key, _value(key, overrides), task)
+        return _unknown_key(key, _value(key, overrides), task, analysis)
     m = re.match(r"Error merging override ([^=]+)=(.*)", msg)
     if m:
         key, value = m.groups()

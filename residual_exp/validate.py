@@ -521,7 +521,13 @@ def _check_task(c: _Checker) -> None:
         c.integer("task.seed", lo=0, hi=SEED_MAX)
         c.string("task.out", null=True)
     elif name == "report":
-        c.items("task.run_dirs", lambda k, v: c.string(k, value=v))
+        def run_dir(k, v):
+            if isinstance(c.string(k, value=v), str) and not Path(v).expanduser().is_dir():
+                c.bad(k, v, "no such directory (a folder holding runs with results.json)")
+        c.items("task.run_dirs", run_dir)
+        sweep = c.get("sweep_dir")
+        if isinstance(sweep, str) and not Path(sweep).expanduser().is_dir():
+            c.bad("sweep_dir", sweep, "no such directory (a sweep folder holding runs with results.json)")
         c.string("task.out_dir", null=True)
         c.string("task.lambda_run", null=True)
     elif name == "cache":

@@ -117,8 +117,9 @@ def test_report_from_run_dirs_with_a_chosen_lambda_run_and_out_dir(sweep, tmp_pa
 
 
 def test_report_fails_clearly_on_a_missing_dir(tmp_path, capsys):
-    assert _report(tmp_path, f"sweep_dir={tmp_path / 'nope'}") == 2
-    assert "no such directory" in capsys.readouterr().err
+    from residual_exp.validate import ConfigError
+    with pytest.raises(ConfigError, match=r"sweep_dir=.*nope: no such directory"):        # refused by validation
+        _report(tmp_path, f"sweep_dir={tmp_path / 'nope'}")
     assert _report(tmp_path) == 2
     assert "sweep_dir=DIR" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

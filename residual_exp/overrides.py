@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 from typing import Sequence
 
 # flags after which the command line is Hydra's business (help, info, config printing, paths)
@@ -97,10 +98,11 @@ def explain(e: BaseException, overrides: Sequence[str]) -> str:
     m = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
     if isinstance(e, MissingConfigException) and m:
         group, name = m.groups()
-        try:
-            options = _group_options(group)
-        except OSError:
-            options = []
+        try:                                         # Hydra's own listing: also plugins' options (hydra/launcher)
+            from hydra.core.global_hydra import GlobalHydra
+            options = sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+        except Exception:
+            options = _group_options(group) if (Path(__file__).parent / "conf" / group).is_dir() else []
         article = "an" if group[0] in "aeiou" else "a"
         return f"{group}={name}: not {article} {group} config; {_one_of(options)}" if options else msg.splitlines()[0]
     m = re.match(r"Could not override '([^']+)'", msg)
@@ -132,7 +134,8 @@ def precheck(argv: Sequence[str]) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    from .config import CONF_MODULE
+    from .config import CONF_MODULE, register_configs
+    register_configs()                               # the schemas the task/model/... configs extend
     try:
         variants = _variants(overrides)
     except HydraException as e:

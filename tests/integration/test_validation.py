@@ -382,6 +382,9 @@ def test_precheck_expands_sweeps_and_leaves_hydra_flags_alone():
     from residual_exp.overrides import precheck
     assert precheck([]) == [] and precheck(["--help"]) == [] and precheck(["--cfg", "job", "pca.k=0"]) == []
     assert precheck(["-m", "method=base,residual_full", "seed=0,1", "hydra.sweep.dir=/x"]) == []
+    assert precheck(["-m", "hydra/launcher=submitit_local", "+experiment=sweep/synthetic"]) == []
+    assert precheck(["hydra/launcher=nope"]) == [
+        "hydra/launcher=nope: not a hydra/launcher config; must be one of basic | slurm | submitit_local | submitit_slurm"]
     problems = precheck(["-m", "method=base,nope", "seed=range(0,2)", "pca.k=1"])
     assert problems == [
         "unknown key pca.k (did you mean method.k?): got pca.k=1; the keys of pca are: reference, split, "

@@ -55,11 +55,23 @@ def train(cfg: DictConfig) -> int:
                     wall_seconds=round(time.time() - t_start, 2))]
     if cfg.method.name != "base":
         records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir)))
+        warn_below_zero_shot(records[-1], zs["val"])
 
     path = write_results(records, run_dir)
     print(results_table(records))
     print(f"results: {path}")
     return 0
+
+
+def warn_below_zero_shot(rec: dict, zero_shot_val: float, margin: float = 0.02) -> bool:
+    """Say so when a trained method ends clearly below the frozen model on val (its best epoch
+    included): a learning rate, epoch budget or initialisation that did not let it train."""
+    if rec["val_accuracy"] >= zero_shot_val - margin:
+        return False
+    log.warning("%s ended below zero-shot on val (%.4f < %.4f, best epoch %s of %s): the result is reported as "
+                "is; check method.lr, method.init and trainer.max_epochs", rec["method"], rec["val_accuracy"],
+                zero_shot_val, rec.get("best_epoch"), rec.get("epochs"))
+    return True
 
 
 def conventions_record(cfg, has_text: bool) -> dict:

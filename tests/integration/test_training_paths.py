@@ -113,3 +113,14 @@ def test_a_diverging_job_stops_and_stores_nothing(tmp_path, monkeypatch):
         _train(tmp_path, "nan", ["method=linear_adapter"])
     assert not list((tmp_path / "nan").rglob("outputs/results/*.json"))
     assert not (tmp_path / "nan" / "run" / "results.json").exists()
+
+
+def test_a_method_ending_below_zero_shot_is_flagged(caplog):
+    import importlib
+    import logging
+    train_task = importlib.import_module("residual_exp.tasks.train")
+    with caplog.at_level(logging.WARNING, "residual_exp.tasks.train"):
+        assert train_task.warn_below_zero_shot({"method": "spectral_adapter", "val_accuracy": 0.05, "best_epoch": 0,
+                                                "epochs": 3}, 0.91)
+        assert not train_task.warn_below_zero_shot({"method": "residual_full", "val_accuracy": 0.90}, 0.91)
+    assert "spectral_adapter ended below zero-shot on val (0.0500 < 0.9100, best epoch 0 of 3)" in caplog.text

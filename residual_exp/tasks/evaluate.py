@@ -74,7 +74,8 @@ def evaluate(cfg) -> int:
               "wall_seconds": round(time.time() - t0, 2), key: acc, "split": str(cfg.task.split),
               "n_images": len(split), "trained_on": prov.get("dataset"), "head": head,
               "export": str(cfg.model_dir), "units_convention": conf["conventions"]["units"],
-              "classifier": conf["classifier"]["kind"], "compat": conf.get("compat", "none"),
+              "classifier": conf["classifier"]["kind"], "evr_rule": conf["conventions"].get("evr_rule"),
+              "compat": conf.get("compat", "none"),
               "cache_layout": conf.get("cache_layout")}
     out = run_dir_of(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,8 @@ def test_every_method_exports_the_training_time_logits_in_a_fresh_process(traine
         logits = got[str(exports[m])]
         assert logits.shape == refs[m].shape == (32, 6), m                        # 6 shapes
         scale = refs[m].abs().max()
-        print(f"{m}: max |exported − training-time logit| / max |logit| = {float((logits - refs[m]).abs().max() / scale):.2e}")
+        print(f"{m}: max |exported − training-time logit| = {float((logits - refs[m]).abs().max()):.2e} "
+              f"(/ max |logit| {float(scale):.1f} = {float((logits - refs[m]).abs().max() / scale):.2e})")
         assert ((logits - refs[m]).abs().max() / scale) <= 1e-5, (m, float((logits - refs[m]).abs().max()))
         cfg = json.loads((exports[m] / "adapted.json").read_text())
         result = next(r for r in json.loads((runs[m][1] / "results.json").read_text()) if r["method"] == m)
@@ -154,6 +155,13 @@ def test_random_weight_architectures_export_exactly(tmp_path, family, method):
     rel = float((got - want).abs().max() / want.abs().max())
     print(f"{family} {method}: {rel:.2e}")
     assert rel <= 1e-5
+    if family == "timm":                        # a prototype head: transfer to other classes needs a text tower
+        from residual_exp.data.errors import DatasetError
+        from residual_exp.tasks.evaluate import evaluate
+        ecfg = compose_cfg([*TINY, "task=evaluate", f"model_dir={out}", "dataset=shapes_color"], tmp_path / "ev")
+        with pytest.raises(DatasetError, match="no text tower") as e:
+            evaluate(ecfg)
+        assert "shapes_color" in str(e.value) and not (tmp_path / "ev" / "run" / "results.json").exists()
 
 
 # --- predict / evaluate -------------------------------------------------------------------------------
@@ -232,4 +240,17 @@ def test_evaluate_same_dataset_and_transfer(trained, tmp_path):
     rec, = json.loads((tmp_path / "t" / "run" / "results.json").read_text())
     assert rec["dataset"] == "shapes_color" and rec["trained_on"] == "shapes_shape"
     assert rec["head"] == "zero-shot (new classes)" and 0.0 <= rec["test_accuracy"] <= 1.0
-    assert set(rec) >= {"model", "dataset", "method", "trainable_params", "test_accuracy", "seed"}
+    from residual_exp.results import CONVENTION_KEYS, RESULT_KEYS
+    assert set(rec) >= set(RESULT_KEYS) | set(CONVENTION_KEYS) and rec["seed"] == cfg.seed
+    assert rec["classifier"] == "text" and rec["n_images"] == 32
+    # the new head is the text tower's zero-shot head on the adapted features: recompute it here
+    from residual_exp.classifiers import zero_shot_weights
+    from residual_exp.data.registry import build_split
+    from residual_exp.export import load_adapted
+    model = load_adapted(exports["residual_full"])
+    split = build_split(ecfg.dataset, "test", model.preprocess)
+    w = zero_shot_weights(model.backbone, split.classnames, split.templates, "cpu", progress=False).float()
+    images = torch.stack([split[i][0] for i in range(len(split))])
+    labels = torch.tensor([split[i][1] for i in range(len(split))])
+    feats = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+    assert rec["test_accuracy"] == pytest.approx(float(((feats @ w.T).argmax(-1) == labels).float().mean()))

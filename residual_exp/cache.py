@@ -98,9 +98,14 @@ def file_checksum(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_record(path: Path) -> list:
+    """``[size, blake2b]`` of one file: what manifests (and the results store) record."""
+    return [path.stat().st_size, file_checksum(path)]
+
+
 def manifest_of(entry: Path) -> dict:
     """``{"files": {relative path: [size, blake2b]}}`` of a file or directory entry."""
-    return {"format": 1, "files": {rel: [p.stat().st_size, file_checksum(p)] for rel, p in _files(entry).items()}}
+    return {"format": 1, "files": {rel: file_record(p) for rel, p in _files(entry).items()}}
 
 
 def manifest_path(entry: Path) -> Path:
@@ -133,9 +138,14 @@ def verify_entry(entry: Path, mode: str = "always") -> None:
             raise DamagedEntry(f"{rel}: cannot be read ({e.strerror or e})") from None
 
 
+def spec_path(entry: Path) -> Path:
+    """The entry's spec, ``<entry>.json`` (what it was built from, for inspection)."""
+    return entry.with_name(entry.name + ".json")
+
+
 def side_files(entry: Path) -> list[Path]:
     """The entry's spec JSON and manifest."""
-    return [entry.with_name(entry.name + ".json"), manifest_path(entry)]
+    return [spec_path(entry), manifest_path(entry)]
 
 
 def move_aside(entry: Path, why: str) -> Path:
@@ -166,7 +176,7 @@ class Cache:
         with FileLock(str(target) + ".lock"):
             yield
 
-    def _verified_load(self, kind: str, target: Path, load: Callable[[Path], Any]) -> Any:
+    def _verified_load(self, target: Path, load: Callable[[Path], Any]) -> Any:
         """``load(target)`` after verifying it (per :attr:`verify`); DamagedEntry if it is not usable."""
         try:
             stamp = (str(target), manifest_path(target).stat().st_mtime_ns)
@@ -201,7 +211,7 @@ class Cache:
                 remove(tmp)
         if target.exists():
             try:
-                out = self._verified_load(kind, target, load)
+                out = self._verified_load(target, load)
                 log.info("cache hit: %s/%s", kind, target.name)
                 return out
             except DamagedEntry:
@@ -209,7 +219,7 @@ class Cache:
         with self.locked(target):
             if target.exists():                       # another job may have built or repaired it meanwhile
                 try:
-                    out = self._verified_load(kind, target, load)
+                    out = self._verified_load(target, load)
                     log.info("cache hit after wait: %s/%s", kind, target.name)
                     return out
                 except DamagedEntry as e:
@@ -217,7 +227,7 @@ class Cache:
                     log.warning("cache: damaged entry %s/%s: %s; moved to %s, rebuilding", kind, target.name, e, dest)
             self._build(kind, spec, target, build)
         try:
-            return self._verified_load(kind, target, load)
+            return self._verified_load(target, load)
         except DamagedEntry as e:
             raise CacheError(f"cache entry {target} is not usable right after it was built ({e}); check the "
                              f"disk holding cache.dir={self.root}") from e
@@ -236,7 +246,7 @@ class Cache:
             os.replace(tmp, target)
         finally:
             remove(tmp)
-        atomic_write_text(target.parent / f"{target.name}.json", json.dumps(spec, indent=1, default=str))
+        atomic_write_text(spec_path(target), json.dumps(spec, indent=1, default=str))
 
 
 def _write_spec(tmp: Path, spec: dict) -> None:

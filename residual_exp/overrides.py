@@ -73,16 +73,15 @@ def _schema_fields(key: str, composed_task: str | None, composed_analysis: str |
 
 
 def _unknown_key(key: str, value: str, task: str | None, analysis: str | None = None) -> str:
-    from .validate import _all_leaf_paths
+    from .validate import moved_key
     node, fields = _schema_fields(key, task, analysis)
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.6)
     if close:
         hint = f" (did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?)"
     else:
-        moved = sorted((p for p in _all_leaf_paths() if p.rsplit(".", 1)[-1] == leaf and p != key),
-                       key=lambda p: (not p.startswith("method."), p))   # the method owns lr, batch_size, evr, k
-        hint = f" (did you mean {moved[0]}?)" if moved else ""
+        moved = moved_key(key)
+        hint = f" (did you mean {moved}?)" if moved else ""
     keys = f"; the keys of {node} are: {', '.join(fields)}" if fields else ""
     return f"unknown key {key}{hint}: got {key}={value}{keys} (a '+' would only add a key nothing reads)"
 

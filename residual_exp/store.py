@@ -68,7 +68,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import atomic_path, atomic_write_text
-from .cache import file_checksum, spec_hash
+from .cache import file_record, spec_hash
 from .encode import model_identity
 from .results import (CLASSES_FILE, LAMBDA_FILE, RESULT_KEYS, ResultsFileError, read_results, results_table,
                       write_results, write_run_config)
@@ -203,7 +203,7 @@ def _damaged(store: Path, entry: dict) -> str | None:
         path = _artefact(store, entry["key"], name)
         want = entry["checksums"].get(name)
         try:
-            have = [path.stat().st_size, file_checksum(path)]
+            have = file_record(path)
         except OSError as e:
             return f"artefact {path.name} cannot be read ({e.strerror or e})"
         if want != have:
@@ -220,8 +220,7 @@ def save_entry(store: Path, key: str, spec: dict, run_dir: Path, records: list[d
         if src.is_file():
             _link_or_copy(src, _artefact(store, key, name))
             artefacts.append(name)
-    checksums = {name: [_artefact(store, key, name).stat().st_size, file_checksum(_artefact(store, key, name))]
-                 for name in artefacts}
+    checksums = {name: file_record(_artefact(store, key, name)) for name in artefacts}
     entry = {"key": key, "records": records, "records_sha256": _records_digest(records), "run_dir": str(run_dir),
              "artefacts": artefacts, "checksums": checksums, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "spec": spec}

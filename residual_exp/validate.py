@@ -337,12 +337,19 @@ class _Checker:
         if close:
             hint = f" (did you mean {prefix}{close[0]}?)"
         else:                                      # `+lr=1`, `+pca.k=0`: a key that lives in another group?
-            leaf = key.rsplit(".", 1)[-1]
-            moved = sorted((p for p in _all_leaf_paths() if p.rsplit(".", 1)[-1] == leaf and p != path),
-                           key=lambda p: (not p.startswith("method."), p))
-            hint = f" (did you mean {moved[0]}?)" if moved else ""
+            moved = moved_key(path)
+            hint = f" (did you mean {moved}?)" if moved else ""
         self.problems.append(f"unknown key {path}{hint}: got {path}={_fmt(value)}; the keys of {node} are: "
                              f"{', '.join(fields)}")
+
+
+def moved_key(path: str) -> str | None:
+    """The schema key with ``path``'s last name in another place (the method group first: it owns
+    lr, batch_size, evr, k), e.g. ``pca.k`` → ``method.k``; None when there is none."""
+    leaf = path.rsplit(".", 1)[-1]
+    moved = sorted((p for p in _all_leaf_paths() if p.rsplit(".", 1)[-1] == leaf and p != path),
+                   key=lambda p: (not p.startswith("method."), p))
+    return moved[0] if moved else None
 
 
 def _all_leaf_paths() -> list[str]:
@@ -521,13 +528,9 @@ def _check_task(c: _Checker) -> None:
         c.integer("task.seed", lo=0, hi=SEED_MAX)
         c.string("task.out", null=True)
     elif name == "report":
-        def run_dir(k, v):
-            if isinstance(c.string(k, value=v), str) and not Path(v).expanduser().is_dir():
-                c.bad(k, v, "no such directory (a folder holding runs with results.json)")
-        c.items("task.run_dirs", run_dir)
-        sweep = c.get("sweep_dir")
-        if isinstance(sweep, str) and not Path(sweep).expanduser().is_dir():
-            c.bad("sweep_dir", sweep, "no such directory (a sweep folder holding runs with results.json)")
+        c.items("task.run_dirs", lambda k, v: _existing_dir(
+            c, k, value=v, what="no such directory (a folder holding runs with results.json)"))
+        _existing_dir(c, "sweep_dir", what="no such directory (a sweep folder holding runs with results.json)")
         c.string("task.out_dir", null=True)
         c.string("task.lambda_run", null=True)
     elif name == "cache":
@@ -564,12 +567,15 @@ def _check_task(c: _Checker) -> None:
             _positive_leaves(c, "task.throughput", throughput)
 
 
-def _existing_dir(c: _Checker, key: str, required: str) -> None:
-    v = c.string(key, null=True)
+def _existing_dir(c: _Checker, key: str, required: str | None = None, value=_ABSENT,
+                  what: str = "no such directory") -> None:
+    """``key`` (or ``value``) names an existing folder; null is refused with ``required`` when given."""
+    v = c.string(key, null=True, value=value)
     if v is None:
-        c.bad(key, None, required)
+        if required:
+            c.bad(key, None, required)
     elif isinstance(v, str) and not Path(v).expanduser().is_dir():
-        c.bad(key, v, "no such directory")
+        c.bad(key, v, what)
 
 
 def _positive_leaves(c: _Checker, key: str, node) -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..atomic import remove
-from ..cache import DAMAGED_DIR, MANIFEST_SUFFIX, DamagedEntry, manifest_path, move_aside, verify_entry
+from ..cache import (DAMAGED_DIR, MANIFEST_SUFFIX, DamagedEntry, manifest_path, move_aside, spec_path,
+                     verify_entry)
 from ..tables import text_table
 
 SIDE_SUFFIXES = (MANIFEST_SUFFIX, ".json", ".lock")
@@ -47,7 +48,7 @@ def _size(p: Path) -> int:
 def _summary(entry: Path) -> str:
     """model / dataset / split of the entry's spec, when it says."""
     try:
-        spec = json.loads(entry.with_name(entry.name + ".json").read_text())
+        spec = json.loads(spec_path(entry).read_text())
     except (OSError, ValueError):
         return "?"
     ds = spec.get("dataset") if isinstance(spec.get("dataset"), dict) else {}

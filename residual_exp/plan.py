@@ -77,8 +77,8 @@ def large_images(dataset: str) -> bool:
 
 @dataclass
 class Throughput:
-    """Images (or steps) per second on one GPU; defaults are assumptions for an H200 (bf16
-    encode) until ``scripts/bench_gpu.py`` measured them."""
+    """Images (or steps) per second on one GPU; ``conf/task/plan.yaml`` holds an H200's, measured
+    by ``scripts/bench_gpu.py`` where marked."""
     encode: dict           # model -> decomposed encode images/s (GPU-bound)
     loader: dict           # "small" / "large" images -> decode + preprocess images/s (CPU-bound)
     train_steps: float     # λ-training optimizer steps/s from a resident cache

@@ -37,6 +37,7 @@ from residual_exp.encode import Encoded, _np_dtype, source_for  # noqa: E402
 from residual_exp.methods import build_adapter  # noqa: E402
 from residual_exp.runtime import quiet_libraries  # noqa: E402
 from residual_exp.spectral import GroupPCA, StreamingPCA  # noqa: E402
+from residual_exp.spectral.lowrank import UnitBases  # noqa: E402
 from residual_exp.tables import text_table  # noqa: E402
 from residual_exp.train.data import batches, prepare_encoded  # noqa: E402
 from residual_exp.train.fit import fit_and_test  # noqa: E402
@@ -105,7 +106,9 @@ def training_section(bb, device, n_train: int, n_val: int, n_test: int, epochs: 
         b = data["train"].batch(slice(s, s + 4096), device, torch.float32)
         gp.update(b)
         po.update(b["feature"][:, None].double())
-    ub, ob = gp.finalize(), po.finalize()
+    # the real pipeline saves the bases to the cache and loads them on the CPU; do the same
+    ub, ob = gp.finalize(), po.finalize().to("cpu")
+    ub = UnitBases({g: (idx, b.to("cpu")) for g, (idx, b) in ub.groups.items()}, ub.num_units)
     cfg = OmegaConf.create(dict(name="residual_full", units="heads+mlps", others="add", evr=None, k=None,
                                 dropped_value=0.0, init="normal", lr=0.8, batch_size=batch, weight_decay=0.0,
                                 grad_clip=None, cache=True))
@@ -125,6 +128,8 @@ def training_section(bb, device, n_train: int, n_val: int, n_test: int, epochs: 
         res = fit_and_test(module, loaders, tcfg, Path(tmp), None, str(device))
         fit_s = time.perf_counter() - t
     steps = epochs * -(-n_train // batch)
+    print({"fit+test s": round(fit_s, 1), "epochs": res.epochs_run, "Lightning steps/s": round(steps / fit_s, 1)}, flush=True)
+    ad.to(device)                          # Lightning's teardown moves the module back to the CPU
     # raw step rate (no Lightning)
     import schedulefree
     opt = schedulefree.AdamWScheduleFree(ad.parameters(), lr=0.8)
@@ -147,18 +152,22 @@ def training_section(bb, device, n_train: int, n_val: int, n_test: int, epochs: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks that the script runs)")
+    ap.add_argument("--train-only", action="store_true", help="skip the encode rows (section 3 only)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     tiny = args.smoke
     t0 = time.perf_counter()
     rows = []
     archs = [("tiny-clip", 8)] if tiny else [("ViT-B-16", 256), ("ViT-L-14", 128)]
+    if args.train_only:
+        archs = archs[-1:]
     for arch, batch in archs:
         bb = backbone(arch, device, tiny)
-        r = encode_section(bb, device, batch, 2 if tiny else 10)
-        rows.append({"what": f"encode {arch} (batch {batch})", **{k: f"{v:,.2f}" if k == "ratio" else f"{v:,.0f}"
-                                                                 for k, v in r.items()}})
-        print(rows[-1], flush=True)
+        if not args.train_only:
+            r = encode_section(bb, device, batch, 2 if tiny else 10)
+            rows.append({"what": f"encode {arch} (batch {batch})", **{k: f"{v:,.2f}" if k == "ratio" else f"{v:,.0f}"
+                                                                     for k, v in r.items()}})
+            print(rows[-1], flush=True)
         if arch in ("ViT-L-14", "tiny-clip"):
             sizes = (512, 128, 128, 2) if tiny else (45_000, 5_000, 10_000, 30)
             tr = training_section(bb, device, *sizes, batch=64)

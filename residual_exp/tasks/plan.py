@@ -67,7 +67,7 @@ def plan(cfg) -> int:
     fmt = lambda k, v: f"{v:,.2f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
     print(f"plan: {len(cells)} jobs = {len(grid['model'])} models × {len(grid['dataset'])} datasets × "
           f"{len(grid['method'])} methods; cache.layout={cfg.cache.layout}, dtype={dtype}, "
-          f"max_epochs={cfg.trainer.max_epochs}; GPU hours from task.throughput (assumed unless measured)")
+          f"max_epochs={cfg.trainer.max_epochs}; GPU hours from task.throughput (one H200, conf/task/plan.yaml)")
     print(text_table(rows + [total], cols, fmt=fmt, right_from=1))
     no_ft = total["encode_h"] + total["train_h"]
     typical = total["encode_h"] + total["train_typical_h"]

@@ -29,7 +29,7 @@ register_configs()
 # Looked up in sys.modules only: a module never imported cannot have raised (and --help or a
 # refused config stay free of torch).
 USER_ERRORS = {
-    "residual_exp.validate": ("ConfigError",),
+    "residual_exp.errors": ("ConfigError",),
     "residual_exp.data.errors": ("DatasetError",),          # DatasetNotFound, SplitMismatchError, BadImageError, …
     "residual_exp.backbones.base": ("UnsupportedArchitecture",),
     "residual_exp.backbones.weights": ("WeightsUnavailable",),
@@ -80,7 +80,7 @@ def _app(cfg: DictConfig) -> None:
         if not isinstance(e, _user_error_types()):
             raise
         if _multirun():                              # Hydra records the job as failed, message only
-            from .validate import JobFailed
+            from .errors import JobFailed
             raise JobFailed(_message(e)) from None
         print(_message(e), file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
@@ -93,6 +93,13 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        from .catalog.specs import SEARCHPATH
+        from .help import help_text                 # generated from the catalog (Hydra's: --hydra-help)
+        from .overrides import searchpath
+        SEARCHPATH.set(searchpath(sys.argv[1:]))     # options of a hydra.searchpath=[…] folder too
+        print(help_text())
+        sys.exit(0)
     from .overrides import precheck
     problems = precheck(sys.argv[1:])                # overrides Hydra cannot compose: our wording, exit 2
     if problems:
@@ -101,7 +108,7 @@ def main() -> None:
     try:
         _app()
     except SystemExit as e:
-        from .validate import JobFailed
+        from .errors import JobFailed
         if e.code == 1 and JobFailed.seen:           # Hydra exits 1 after reporting a failed job
             sys.exit(EXIT_USER_ERROR)
         raise

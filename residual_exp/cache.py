@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock
 
 from .atomic import atomic_write_text, remove, unique_token
+from .catalog import Verify, names
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -70,7 +71,7 @@ def file_fingerprint(path: str | os.PathLike) -> str:
 
 MANIFEST_SUFFIX = ".manifest.json"
 DAMAGED_DIR = ".damaged"
-VERIFY_MODES = ("once", "always", "size")
+VERIFY_MODES = names(Verify)
 _CHUNK = 1 << 22
 _verified: set[tuple[str, int]] = set()        # (entry path, manifest mtime_ns) verified in this process
 

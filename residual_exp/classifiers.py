@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .catalog import Prototype, names
+
 
 @torch.no_grad()
 def zero_shot_weights(backbone, classnames: Sequence[str], templates: Sequence[str],
@@ -48,7 +50,7 @@ def prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes:
     return class_means(F.normalize(features.double(), dim=-1), labels, num_classes).to(features.dtype)
 
 
-PROTOTYPES = ("mean", "cosine")
+PROTOTYPES = names(Prototype)
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,43 +1,75 @@
-"""Structured-config schemas (registered in Hydra's ConfigStore).
+"""Structured-config schemas (registered in Hydra's ConfigStore), with their rules.
 
-Every YAML file under ``conf/`` is validated against these dataclasses at compose time, so
-an unknown key or a wrong type fails with a message that names the key.  Per-family or
-per-dataset extras go under ``params`` (a free dict).
+Every YAML file under ``conf/`` is merged into these dataclasses when Hydra composes the
+config, so an unknown key, a wrong type or a value outside an enum (:mod:`residual_exp.catalog`)
+fails at composition with a message naming the key.  Each field's default is written here
+and only here (a YAML file lists what differs), next to the rule its values must satisfy
+(:func:`~residual_exp.catalog.fields.rule`); cross-field rules are each schema's ``check``.
+:func:`residual_exp.validate.validate` walks them all before anything is built.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import MISSING
 
-CONF_MODULE = "residual_exp.conf"      # the Hydra configs shipped inside the package
+from .catalog import (FAMILIES, OUTPUT_UNITS, SEED_MAX, TRAINER_PRECISIONS, UNITS_WHAT, Accelerator, ActsOn,
+                      CacheAction, CacheDtype, CacheKind, CacheLayout, CheckDtype, Compat, DatasetSpec, EvrRule,
+                      Init, MethodSpec, ModelPrecision, ModelSpec, Others, Prototype, SimilarityUnweighted,
+                      SimilarityWeights, Split, UnitConvention, Verify, rule, unit_selection)
+from .catalog.specs import CONF_MODULE  # noqa: F401  (re-exported: where the configs live)
+
+SEED = dict(ge=0, lt=SEED_MAX)
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING                # preset label (model=NAME), recorded in results
-    family: str = MISSING              # backbone family: open_clip | tiny_clip | timm | blip
+    family: str = MISSING              # backbone family (catalog.FAMILIES, or one registered by spec.module)
     arch: Optional[str] = None         # library architecture name (open_clip / timm / hub id)
     pretrained: Optional[str] = None   # hub tag; null → random weights (tests, checks)
-    weights: Optional[str] = None      # local checkpoint file (overrides `pretrained`)
-    image_size: Optional[int] = None   # input resolution (None: the architecture's own)
-    precision: str = "auto"            # backbone forward when encoding: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    logit_scale: float = 100.0         # classifier temperature for models without a text tower
+    weights: Optional[str] = rule(None, path="file",
+                                  what="no such file: give the path of a saved checkpoint, or null to use "
+                                       "model.pretrained")   # local checkpoint file (overrides `pretrained`)
+    image_size: Optional[int] = rule(None, ge=1)   # input resolution (None: the architecture's own)
+    precision: ModelPrecision = ModelPrecision.auto   # encoding forward: bf16 autocast on CUDA and fp32 on CPU, or forced
+    logit_scale: float = rule(100.0, gt=0)   # classifier temperature for models without a text tower
     cache_dir: Optional[str] = None    # hub cache directory
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: Dict[str, Any] = rule(factory=dict, free=True)
+    spec: ModelSpec = field(default_factory=ModelSpec)
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        fam = FAMILIES.get(node.family)
+        if fam is None:
+            if not node.spec.module:
+                bad("family", node.family, f"must be one of {' | '.join(sorted(FAMILIES))} (or a family registered "
+                                           f"by the module named in model.spec.module)")
+            return
+        if fam.arch_example and node.arch is None:
+            bad("arch", None, f"model.family={node.family} needs an architecture name "
+                              f"(e.g. model.arch={fam.arch_example})")
+        if fam.pretrained and node.weights is None and node.pretrained is not None \
+                and node.pretrained not in fam.pretrained:
+            bad("pretrained", node.pretrained, f"model.family={node.family} takes model.pretrained="
+                                               f"{' | '.join(fam.pretrained)} or null (random weights), or a "
+                                               f"checkpoint in model.weights")
 
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING                # registry key (dataset=NAME)
-    root: str = "data"                 # where the data lives on disk
+    name: str = rule(MISSING, options="group:dataset")   # dataset=NAME (the config's file name)
+    root: str = "${paths.data_dir}"    # where the data lives on disk
     download: bool = False             # download where the source still allows it
-    batch_size: int = 64               # images per forward when encoding
-    num_workers: int = 0
+    batch_size: int = rule(64, ge=1)   # images per forward when encoding
+    num_workers: int = rule(0, ge=0)
     skip_bad_images: bool = False      # skip (and count) unreadable images instead of failing
     content_hash: bool = False         # fingerprint folder data by content (SHA-256), not size + mtime
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: Dict[str, Any] = rule(factory=dict, free=True)
+    spec: DatasetSpec = field(default_factory=DatasetSpec)
 
 
 @dataclass
@@ -45,165 +77,251 @@ class PCAConfig:
     """Where the per-unit PCA bases are fitted (how many components a method keeps is the
     method's choice: ``method.evr`` / ``method.k``)."""
     reference: Optional[DatasetConfig] = None   # dataset node the bases are fitted on (null: the target dataset)
-    split: str = "reference"           # split of that dataset (train for ImageNet, as in the paper)
-    max_samples: Optional[int] = None  # cap on images used for fitting (seeded uniform subsample)
+    split: Split = Split.reference     # split of that dataset (train for ImageNet, as in the paper)
+    max_samples: Optional[int] = rule(None, ge=2)   # cap on images used for fitting (seeded uniform subsample)
 
 
 @dataclass
 class MethodConfig:
-    """One of the seven variants (DESIGN.md §1) and its knobs."""
-    name: str = MISSING                # base | finetune | linear_adapter | spectral_adapter | residual_*
-    units: str = "heads"               # heads | mlps | heads+mlps | all | output
-    others: str = "drop"               # units not selected: drop | mean | add
-    evr: Optional[float] = None        # keep each unit's leading PCs up to this explained-variance ratio
-    k: Optional[int] = None            # or its first k PCs (null + null: keep all)
+    """One of the methods (DESIGN.md §1, ``conf/method/``) and its knobs."""
+    name: str = rule(MISSING, options="group:method")    # method=NAME (the config's file name)
+    units: str = rule("heads", what=UNITS_WHAT + "; output methods take output")   # the units a residual method reweights
+    others: Others = Others.drop       # units not selected
+    evr: Optional[float] = rule(None, gt=0, le=1)   # keep each unit's leading PCs up to this explained-variance ratio
+    k: Optional[int] = rule(None, ge=1)             # or its first k PCs (null + null: keep all)
     dropped_value: float = 0.0         # λ of pruned components (0 removes them, 1 keeps them as is)
-    init: str = "normal"               # λ init: normal (N(1,1)) | ones | eigenvalues; linear_adapter: default (nn.Linear's) | identity
+    init: Init = Init.normal           # initialisation (the method's spec lists the values it takes)
     lr: float = 0.8                    # Schedule-Free AdamW learning rate (trainer.lr_find replaces it)
-    batch_size: int = 64               # training batch size
-    weight_decay: float = 0.0
-    grad_clip: Optional[float] = None
+    batch_size: int = rule(64, ge=1)   # training batch size
+    weight_decay: float = rule(0.0, ge=0)
+    grad_clip: Optional[float] = rule(None, gt=0)
     cache: bool = True                 # encode once (true) or run the backbone every step (false)
+    spec: MethodSpec = field(default_factory=MethodSpec)
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        spec, name = node.spec, node.name
+        if spec.trains and not (math.isfinite(node.lr) and node.lr > 0):   # (base trains nothing: lr unused)
+            bad("lr", node.lr, "must be a finite number > 0")
+        if node.evr is not None and node.k is not None:
+            bad("k", node.k, f"set method.evr (={node.evr}) or method.k, not both (the other null)")
+        if spec.acts_on == ActsOn.output and node.units != OUTPUT_UNITS:
+            bad("units", node.units, f"method={name} acts on the output feature: must be {OUTPUT_UNITS}")
+        elif spec.acts_on == ActsOn.units and not unit_selection(node.units):
+            bad("units", node.units, f"method={name} reweights residual units: " + UNITS_WHAT
+                + (f", not {OUTPUT_UNITS}" if node.units == OUTPUT_UNITS else ""))
+        if node.others not in spec.others:
+            what = {Others.mean: "mean (replace the other units by their reference mean) only applies to "
+                                 "residual_* methods; "}.get(node.others, "")
+            bad("others", node.others, f"{what}method={name} takes {' | '.join(spec.others)}")
+        if node.init not in spec.inits:
+            bad("init", node.init, f"method={name} takes {' | '.join(spec.inits)}")
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 30
-    patience: int = 5                  # early stopping on val accuracy
+    max_epochs: int = rule(30, ge=1)
+    patience: int = rule(5, ge=0)      # early stopping on val accuracy
     lr_find: bool = False              # run Lightning's LR finder first (schedule-free aware)
-    accelerator: str = "auto"
-    devices: int = 1
-    precision: str = "32-true"
-    num_workers: int = 0
+    accelerator: Accelerator = Accelerator.auto
+    devices: int = rule(1, ge=1)
+    precision: str = rule("32-true", choices=TRAINER_PRECISIONS,
+                          what=f"must be one of {' | '.join(TRAINER_PRECISIONS)} (Lightning's precision values)")
+    num_workers: int = rule(0, ge=0)
     progress_bar: bool = True
-    cpu_threads: Optional[int] = None  # torch threads while training on CPU (null: 1 for small adapters)
+    cpu_threads: Optional[int] = rule(None, ge=1)   # torch threads while training on CPU (null: 1 for small adapters)
 
 
 @dataclass
 class CacheConfig:
     dir: str = "${paths.cache_dir}"
-    layout: str = "lowrank"            # lowrank (heads as head_dim activations + LayerNorm stats) | dense ([N, U, D] units)
-    dtype: str = "auto"                # storage dtype: auto (float16 for real backbones, float32 for tiny_clip) | float16 | float32 | float64
-    memory_budget_gb: float = 4.0      # larger encodings are streamed from disk (memmap)
+    layout: CacheLayout = CacheLayout.lowrank   # lowrank: heads as head_dim activations + norm stats (exact, ~14x smaller)
+    dtype: CacheDtype = CacheDtype.auto         # storage dtype (auto: float16 for real backbones, float32 for tiny_clip)
+    memory_budget_gb: float = rule(4.0, gt=0)   # larger encodings are streamed from disk (memmap)
     enabled: bool = True
-    verify: str = "once"               # checksum check when an entry is loaded: once (per process) | always | size
+    verify: Verify = Verify.once                # checksums verified when an entry is first loaded in a process
 
 
 @dataclass
 class ConventionsConfig:
     """How units, classifiers and similarities are defined (FIDELITY.md). The defaults are the
     official ResiDual code's; the alternatives are this project's own conventions."""
-    units: str = "official"            # official (each unit an equal share of the final LN's centring and bias) | centred
-    prototype: str = "mean"            # no-text-tower classifier: mean (raw class means · normalize(x)) | cosine (scale · cos)
-    evr_rule: str = "strict"           # method.evr keeps the smallest k with cumulative EVR > evr (strict) | >= (inclusive)
-    similarity_weights: str = "eigenvalues"    # weighted spectral cosine: eigenvalues | sqrt_eigenvalues
-    similarity_unweighted: str = "diagonal"    # unweighted spectral cosine: diagonal (component i vs i) | matched (greedy)
+    units: UnitConvention = UnitConvention.official
+    prototype: Prototype = Prototype.mean
+    evr_rule: EvrRule = EvrRule.strict
+    similarity_weights: SimilarityWeights = SimilarityWeights.eigenvalues
+    similarity_unweighted: SimilarityUnweighted = SimilarityUnweighted.diagonal
 
 
 @dataclass
 class PathsConfig:
-    root_dir: str = "."
+    root_dir: str = "${oc.env:RESIDUAL_EXP_ROOT,.}"
     data_dir: str = "${paths.root_dir}/data"
     cache_dir: str = "${paths.root_dir}/outputs/cache"
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
+# --- tasks: one schema each; ``run`` names the function, the docstring is its --help line -----------------
 @dataclass
 class TaskConfig:
+    """Fit bases, encode once, train the method, test on the best-val checkpoint (the default)."""
+    run: ClassVar[str] = "residual_exp.tasks.train:train"
+    resumable: ClassVar[bool] = True   # wrapped in the results store (a finished job is copied, not rerun)
     name: str = "train"
 
 
 @dataclass
 class CheckDecompositionTask(TaskConfig):
+    """Check that Σ units equals the model's feature, and every unit against an independent recomputation."""
+    run: ClassVar[str] = "residual_exp.tasks.check_decomposition:check_decomposition"
+    resumable: ClassVar[bool] = False
     name: str = "check_decomposition"
-    batch_size: int = 2
-    dtype: str = "float32"
-    tolerance: float = 1e-5
-    seed: int = 0
+    batch_size: int = rule(2, ge=1)
+    dtype: CheckDtype = CheckDtype.float32
+    tolerance: float = rule(1e-5, gt=0)
+    seed: int = rule(0, **SEED)
 
 
 @dataclass
 class InspectDataTask(TaskConfig):
+    """Where a dataset is expected on disk, what was found, class counts (task.verify=true: open every image)."""
+    run: ClassVar[str] = "residual_exp.tasks.inspect_data:inspect_data"
+    resumable: ClassVar[bool] = False
     name: str = "inspect_data"
     verify: bool = False               # open every image; report corrupt files, class counts
 
 
+def _runs_dir(what: str) -> dict:
+    return dict(path="dir", what=f"no such directory ({what})")
+
+
 @dataclass
 class ReportTask(TaskConfig):
-    """Collect results.json files into a paper-style table, CSV and plots."""
+    """Collect results.json files (sweep_dir=, task.run_dirs=) into tables, CSV and plots."""
+    run: ClassVar[str] = "residual_exp.tasks.report:report"
+    resumable: ClassVar[bool] = False
     name: str = "report"
-    run_dirs: List[str] = field(default_factory=list)   # extra run dirs besides `sweep_dir`
+    run_dirs: List[str] = rule(factory=list, item=_runs_dir("a folder holding runs with results.json"))
     out_dir: Optional[str] = None                         # default: <sweep_dir>/report
     lambda_run: Optional[str] = None                      # run dir whose λ spectra to plot
 
 
 @dataclass
 class AnalysisTask(TaskConfig):
-    """Run the analysis selected by the `analysis` group."""
+    """Run the paper analysis the `analysis` group selects (analysis=NAME)."""
+    run: ClassVar[str] = "residual_exp.tasks.analysis:analysis"
+    resumable: ClassVar[bool] = False
     name: str = "analysis"
 
 
 @dataclass
 class CacheTask(TaskConfig):
-    """Inspect and maintain the content-keyed caches (encodings, bases, classifiers)."""
+    """List, verify (checksums) or prune the content-keyed caches (encodings, bases, classifiers)."""
+    run: ClassVar[str] = "residual_exp.tasks.cache:cache_task"
+    resumable: ClassVar[bool] = False
     name: str = "cache"
-    action: str = "list"               # list | verify | prune
-    kinds: List[str] = field(default_factory=lambda: ["encodings", "bases", "classifiers"])
+    action: CacheAction = CacheAction.list
+    kinds: List[CacheKind] = rule(factory=lambda: list(CacheKind), min_len=1)
     dry_run: bool = False              # prune: say what would be removed, remove nothing
 
 
 @dataclass
 class PlanGrid:
     """An explicit grid for ``task=plan`` (empty lists: the sweep's hydra.sweeper.params, else the run's own)."""
-    model: List[str] = field(default_factory=list)
-    dataset: List[str] = field(default_factory=list)
-    method: List[str] = field(default_factory=list)
+    model: List[str] = rule(factory=list, item=dict(options="group:model"))
+    dataset: List[str] = rule(factory=list, item=dict(options="group:dataset"))
+    method: List[str] = rule(factory=list, item=dict(options="group:method"))
 
 
 @dataclass
 class PlanTask(TaskConfig):
-    """Cost of a run or a sweep before it starts (images, cache bytes, disk, GPU hours)."""
+    """The cost of a run or a sweep before it starts: images, cache bytes, disk, GPU hours."""
+    run: ClassVar[str] = "residual_exp.tasks.plan:plan"
+    resumable: ClassVar[bool] = False
     name: str = "plan"
     grid: PlanGrid = field(default_factory=PlanGrid)
-    typical_epoch_fraction: float = 0.5                    # early stopping: share of max_epochs a job typically runs
-    throughput: Dict[str, Any] = field(default_factory=dict)   # see conf/task/plan.yaml
+    typical_epoch_fraction: float = rule(0.5, gt=0, le=1)   # early stopping: share of max_epochs a job typically runs
+    throughput: Dict[str, Any] = rule(factory=dict, free=True)   # see conf/task/plan.yaml
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        def walk(key, v):
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{key}.{k}", x)
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+                bad(key, v, "must be a finite number > 0")
+        from omegaconf import OmegaConf
+        walk("throughput", OmegaConf.to_container(node.throughput, resolve=True))
+
+
+def require(root, bad, key: str, what: str) -> None:
+    """A top-level key a task cannot run without (``/key``: reported at the root)."""
+    if root.get(key) is None:
+        bad(f"/{key}", None, what)
 
 
 @dataclass
 class ExportTask(TaskConfig):
-    """A trained run (``run_dir=``) as one self-contained adapted encoder (``out=``)."""
+    """A trained run (run_dir=) as one self-contained adapted encoder (out=)."""
+    run: ClassVar[str] = "residual_exp.tasks.export:export"
+    resumable: ClassVar[bool] = False
     name: str = "export"
     copy_weights: bool = False         # also copy the backbone's weights into the folder (always for finetune / random init)
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        require(root, bad, "run_dir", "task=export needs run_dir=<the folder of a task=train run>")
 
 
 @dataclass
 class PredictTask(TaskConfig):
-    """Classify images (``inputs=`` an image, a folder or a glob) with an export (``model_dir=``)."""
+    """Classify images (inputs= an image, a folder or a glob) with an export (model_dir=)."""
+    run: ClassVar[str] = "residual_exp.tasks.predict:predict"
+    resumable: ClassVar[bool] = False
     name: str = "predict"
-    top_k: int = 5
-    batch_size: int = 64
-    grid: int = 16                     # images shown in predictions.png
+    top_k: int = rule(5, ge=1)
+    batch_size: int = rule(64, ge=1)
+    grid: int = rule(16, ge=0)         # images shown in predictions.png
     out_dir: Optional[str] = None      # default: the run dir
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        require(root, bad, "model_dir", "task=predict needs model_dir=<an export folder (task=export)>")
+        require(root, bad, "inputs", "task=predict needs inputs=<an image, a folder or a glob>")
 
 
 @dataclass
 class EvaluateTask(TaskConfig):
-    """Accuracy of an export (``model_dir=``) on any ``dataset=``; results.json as task=train writes it."""
+    """Accuracy of an export (model_dir=) on any dataset=; results.json as task=train writes it."""
+    run: ClassVar[str] = "residual_exp.tasks.evaluate:evaluate"
+    resumable: ClassVar[bool] = False
     name: str = "evaluate"
-    batch_size: int = 64
-    split: str = "test"
+    batch_size: int = rule(64, ge=1)
+    split: Split = Split.test
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        require(root, bad, "model_dir", "task=evaluate needs model_dir=<an export folder (task=export)>")
 
 
 @dataclass
 class PretrainTask(TaskConfig):
-    """Contrastive pretraining of the embedded tiny CLIP on synthetic captions."""
+    """Contrastive pretraining of the embedded tiny CLIP on synthetic captions (~10 min on 2 cores)."""
+    run: ClassVar[str] = "residual_exp.tasks.pretrain_tiny_clip:pretrain_tiny_clip"
+    resumable: ClassVar[bool] = False
     name: str = "pretrain_tiny_clip"
-    n_images: int = 20000
-    epochs: int = 8
-    batch_size: int = 256
-    lr: float = 2e-3
-    seed: int = 0
+    n_images: int = rule(20000, ge=1)
+    epochs: int = rule(8, ge=1)
+    batch_size: int = rule(256, ge=1)
+    lr: float = rule(2e-3, gt=0)
+    seed: int = rule(0, **SEED)
     out: Optional[str] = None          # where to write the checkpoint (default: the asset path)
+
+
+TASKS: dict[str, type[TaskConfig]] = {t.__dataclass_fields__["name"].default: t for t in (
+    TaskConfig, CheckDecompositionTask, InspectDataTask, ReportTask, AnalysisTask, CacheTask, PlanTask,
+    ExportTask, PredictTask, EvaluateTask, PretrainTask)}
 
 
 @dataclass
@@ -214,21 +332,35 @@ class Config:
     method: MethodConfig = MISSING
     pca: PCAConfig = MISSING
     trainer: TrainerConfig = MISSING
-    logger: Any = None
+    logger: Any = rule(None, free=True)
     analysis: Any = None               # `analysis=NAME` (task=analysis)
-    sweep_dir: Optional[str] = None    # task=report: the sweep (or any folder of runs) to collect
-    run_dir: Optional[str] = None      # task=export: the trained run
+    sweep_dir: Optional[str] = rule(None, path="dir", what="no such directory (a sweep folder holding runs with "
+                                                           "results.json)")   # task=report: the runs to collect
+    run_dir: Optional[str] = rule(None, path="dir")   # task=export: the trained run
     out: Optional[str] = None          # task=export: the export folder (default: <run_dir>/export)
-    model_dir: Optional[str] = None    # task=predict / evaluate: an export folder
+    model_dir: Optional[str] = rule(None, path="dir")   # task=predict / evaluate: an export folder
     inputs: Optional[str] = None       # task=predict: an image, a folder or a glob
     cache: CacheConfig = field(default_factory=CacheConfig)
     conventions: ConventionsConfig = field(default_factory=ConventionsConfig)
-    compat: str = "none"               # none | official: also reproduce the official code's bugs (a)-(d) (FIDELITY.md)
+    compat: Compat = Compat.none       # official: also reproduce the official code's bugs (a)-(d) (FIDELITY.md)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    seed: int = 0
-    device: str = "auto"               # auto | cpu | cuda
+    seed: int = rule(0, **SEED)
+    device: str = rule("auto", what="must be one of auto | cpu | cuda | cuda:N (N a GPU index ≥ 0)")
     run_name: str = "${run_name:${task.name},${model.name},${dataset.name},${method.name}}"
-    resume: bool = True                # task=train: skip jobs already finished for the same config (sweep.py)
+    resume: bool = True                # task=train: skip jobs already finished for the same config (store.py)
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        d = node.device
+        if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            bad("device", d, Config.__dataclass_fields__["device"].metadata["what"])
+        if node.compat == Compat.official:
+            # compat=official reproduces the official run: its conventions, not this project's
+            for key, want in (("units", UnitConvention.official), ("evr_rule", EvrRule.strict)):
+                v = node.conventions[key]
+                if v != want:
+                    bad(f"conventions.{key}", v, f"compat=official reproduces the official run, which needs "
+                                                 f"conventions.{key}={want} (or use compat=none)")
 
 
 def _unique_id() -> str:
@@ -256,10 +388,11 @@ def register_configs() -> None:
     from .analysis.config import register_analysis_configs
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for name, node in [("train_schema", TaskConfig), ("check_decomposition_schema", CheckDecompositionTask),
-                       ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask),
-                       ("report_schema", ReportTask), ("analysis_schema", AnalysisTask),
-                       ("cache_schema", CacheTask), ("plan_schema", PlanTask), ("export_schema", ExportTask),
-                       ("predict_schema", PredictTask), ("evaluate_schema", EvaluateTask)]:
-        cs.store(group="task", name=name, node=node)
+    for name, node in TASKS.items():
+        cs.store(group="task", name=f"{name}_schema", node=node)
     register_analysis_configs()        # the `analysis` group's schemas
+
+
+def conf_dir() -> Path:
+    """The folder of the shipped configs."""
+    return Path(__file__).resolve().parent / "conf"

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .catalog import CacheLayout, names
 from .cache import Cache, file_fingerprint
 from .data.integrity import fingerprint
 from .data.registry import stack_images
@@ -35,7 +36,7 @@ from .decompose.readout import DENSE_KEYS, LOWRANK_KEYS, DenseSource, UnitSource
 
 log = logging.getLogger(__name__)
 DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
-LAYOUTS = ("lowrank", "dense")
+LAYOUTS = names(CacheLayout)
 ENCODING_FORMAT = 2                  # 2: lowrank / dense layouts (1: dense units only)
 
 

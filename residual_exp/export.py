@@ -35,7 +35,6 @@ from .decompose.readout import Readout
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
 CONFIG_FILE, TENSORS_FILE, BACKBONE_FILE = "adapted.json", "adapted.safetensors", "backbone.safetensors"
-FEATURE_METHODS = ("base", "linear_adapter", "spectral_adapter", "finetune")
 
 
 @dataclass
@@ -94,7 +93,7 @@ class Folded:
         return y
 
 
-class _Accumulator:
+class Accumulator:
     """Sums per-unit linear maps ``F_u`` on lifted inputs into the :class:`Folded` layout."""
 
     def __init__(self, readout: Readout) -> None:
@@ -124,72 +123,6 @@ class _Accumulator:
         """``M`` ``[D, D]`` acting on the unit itself (``unit = G x``): folded as ``M G``."""
         g, p = self.pos[int(unit)]
         self.add(unit, M.double() @ self.r.maps(g)[p].double())
-
-
-def fold(method: str, state: dict, readout: Readout, layout: str = "lowrank", others: str = "drop",
-         dropped_value: float = 0.0, batch_mean: bool = False) -> Folded:
-    """Fold a trained adapter (its ``state_dict``, ``adapter.`` prefix removed) into :class:`Folded`.
-
-    ``layout``: the cache layout it was trained on (``dense``: its maps act on units, which are
-    then read through ``readout``'s lifts).  Exact: the folded forward equals the adapter's to
-    float round-off (tested in float64).
-    """
-    D = readout.layout_dim
-    st = {k: v.detach().double() if v.is_floating_point() else v for k, v in state.items()}
-    if method == "base":
-        return Folded(D, feature=torch.eye(D, dtype=torch.float64))
-    if method == "linear_adapter":
-        return Folded(D, feature=st["linear.weight"], bias=st["linear.bias"])
-    if method == "finetune":
-        return Folded(D, feature=torch.eye(D, dtype=torch.float64))
-    lam_flat = None
-    if "recon" in st:                                        # SpectralReweighting
-        full = torch.full(st["trained"].shape, float(dropped_value), dtype=torch.float64)
-        lam_flat = full.masked_scatter(st["trained"].bool(), st["lam"])  # [F]
-    if method == "spectral_adapter":
-        C, off, valid = st["C0"], st["offset0"], st["valid0"].bool()
-        Fm = st["recon"].T @ (lam_flat[:, None] * C[valid])  # [D, D] on f
-        return Folded(D, feature=Fm, bias=-(st["recon"].T @ (lam_flat * off[valid])))
-    acc = _Accumulator(readout)
-    selected = [int(u) for u in st["selected"].tolist()]
-    blocks = readout.blocks(selected)                        # group order: the adapter's own order
-    if "recon" in st:
-        row = 0
-        for i, (g, pos, units) in enumerate(blocks):
-            C, off, valid = st[f"C{i}"], st[f"offset{i}"], st[f"valid{i}"].bool()
-            for s, u in enumerate(units):
-                keep = valid[s]
-                n = int(keep.sum())
-                R = st["recon"][row:row + n]                 # [n, D]
-                lam = lam_flat[row:row + n]
-                Fu = R.T @ (lam[:, None] * C[s][keep])       # [D, R_lift]  (or [D, D] on units: dense)
-                const = -(R.T @ (lam * off[s][keep]))        # [D]
-                acc.f.bias += const
-                (acc.add_unit_map if layout == "dense" else acc.add)(u, Fu)
-                row += n
-    else:                                                    # HeadScaling
-        start = 0
-        for i, (g, pos, units) in enumerate(blocks):
-            G = st[f"G{i}"]
-            lam = st["lam"][start:start + len(units)]
-            for s, u in enumerate(units):
-                if G.numel():
-                    acc.add(u, lam[s] * G[s].T)              # stored [S, R, D]
-                else:
-                    acc.add_unit_map(u, lam[s] * torch.eye(D, dtype=torch.float64))
-            start += len(units)
-    folded = acc.f
-    rest = [int(u) for u in st["others_idx"].tolist()]
-    if others == "add" or (others == "mean" and batch_mean):
-        tgt = acc if others == "add" else _Accumulator(readout)   # batch mean: a fold of its own
-        for u in rest:
-            g, p = tgt.pos[u]
-            tgt.add(u, readout.maps(g)[p].double())
-        if others == "mean":
-            folded.batch_mean = tgt.f
-    elif others == "mean":
-        folded.bias += st["other_mean"]
-    return folded
 
 
 class AdaptedModel(nn.Module):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 from typing import Sequence
 
 # flags after which the command line is Hydra's business (help, info, config printing, paths)
@@ -40,6 +39,13 @@ def _variants(overrides: Sequence[str]) -> list[list[str]]:
     return out[:MAX_COMPOSITIONS]
 
 
+def searchpath(argv: Sequence[str]) -> tuple[str, ...]:
+    """The folders of a ``hydra.searchpath=[…]`` on the command line (empty: none)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    given = [a for a in argv if a.startswith("hydra.searchpath=")]
+    return tuple(OverridesParser.create().parse_overrides(given[-1:])[0].value()) if given else ()
+
+
 def _value(key: str, overrides: Sequence[str]) -> str:
     for o in overrides:
         k, _, v = o.lstrip("+~").partition("=")
@@ -48,37 +54,17 @@ def _value(key: str, overrides: Sequence[str]) -> str:
     return "?"
 
 
-def _schema_fields(key: str, composed_task: str | None, composed_analysis: str | None = None) -> tuple[str, list[str]]:
-    """``(node name, its keys)`` of the node that should hold ``key``."""
-    import dataclasses
-    import typing
-
-    from .config import Config
-    from .validate import _analysis_schemas, _field_schema, _task_schemas
-    parts = key.split(".")[:-1]
-    schema, name = Config, "the config"
-    for i, p in enumerate(parts):
-        if p == "task" and i == 0 and composed_task in _task_schemas():
-            schema, name = _task_schemas()[composed_task], f"task ({composed_task})"
-            continue
-        if p == "analysis" and i == 0 and composed_analysis in _analysis_schemas():
-            schema, name = _analysis_schemas()[composed_analysis], f"analysis ({composed_analysis})"
-            continue
-        hints = typing.get_type_hints(schema)
-        sub = _field_schema(hints[p]) if p in hints else None
-        if not isinstance(sub, type):
-            return ".".join(parts[: i + 1]), []
-        schema, name = sub, ".".join(parts[: i + 1])
-    return name, [f.name for f in dataclasses.fields(schema)]
-
-
 def _unknown_key(key: str, value: str, task: str | None, analysis: str | None = None) -> str:
-    from .validate import moved_key
-    node, fields = _schema_fields(key, task, analysis)
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.6)
+    import dataclasses
+
+    from .validate import moved_key, node_schema
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    schema = node_schema(parent, task, analysis)
+    fields = [f.name for f in dataclasses.fields(schema)] if schema else []
+    node = {"": "the config", "task": f"task ({task})", "analysis": f"analysis ({analysis})"}.get(parent, parent)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], fields, n=1, cutoff=0.6)
     if close:
-        hint = f" (did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?)"
+        hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)"
     else:
         moved = moved_key(key)
         hint = f" (did you mean {moved}?)" if moved else ""
@@ -90,20 +76,16 @@ def explain(e: BaseException, overrides: Sequence[str]) -> str:
     """One line for a Hydra composition error ``e`` of ``overrides``."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
-    from .validate import _group_options, _one_of
+    from .validate import group_options, one_of
     msg = str(e).strip()
     task = next((v for o in overrides for k, _, v in [o.partition("=")] if k == "task"), None)
     analysis = next((v for o in overrides for k, _, v in [o.partition("=")] if k == "analysis"), None)
     m = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
     if isinstance(e, MissingConfigException) and m:
         group, name = m.groups()
-        try:                                         # Hydra's own listing: also plugins' options (hydra/launcher)
-            from hydra.core.global_hydra import GlobalHydra
-            options = sorted(GlobalHydra.instance().config_loader().get_group_options(group))
-        except Exception:
-            options = _group_options(group) if (Path(__file__).parent / "conf" / group).is_dir() else []
+        options = group_options(group)               # plugins' options too
         article = "an" if group[0] in "aeiou" else "a"
-        return f"{group}={name}: not {article} {group} config; {_one_of(options)}" if options else msg.splitlines()[0]
+        return f"{group}={name}: not {article} {group} config; {one_of(options)}" if options else msg.splitlines()[0]
     m = re.match(r"Could not override '([^']+)'", msg)
     if m:
         key = m.group(1)
@@ -112,13 +94,65 @@ def explain(e: BaseException, overrides: Sequence[str]) -> str:
     if m:
         key, value = m.groups()
         cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ else "cannot be merged"
+        allowed = re.match(r"Invalid value '.*', expected one of \[(.*)\]", cause)
+        if allowed:                                  # an enum field: our wording
+            cause = one_of(allowed.group(1).split(", "))
         if "DatasetConfig" in cause:
             cause = (f"a dataset config is expected: select one with dataset@{key}=NAME "
-                     f"({_one_of(_group_options('dataset'))})")
+                     f"({one_of(group_options('dataset'))})")
         return f"{key}={value}: {cause}"
     if isinstance(e, OverrideParseException):
         return f"cannot parse the command line ({' '.join(overrides)}): {msg.splitlines()[0]} (Hydra's override grammar)"
     return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def _culprit(e: BaseException, overrides: Sequence[str]) -> str | None:
+    """The override a composition error ``e`` is about (None: not one override's fault)."""
+    msg = str(e)
+    m = (re.search(r"Could not find '([^']+)/[^'/]+'", msg) or re.match(r"Could not override '([^']+)'", msg)
+         or re.match(r"Error merging override ([^=]+)=", msg))
+    if not m:
+        return None
+    key = m.group(1)
+    for o in overrides:
+        k = o.lstrip("+~").partition("=")[0]            # dataset@pca.reference=NAME: group dataset
+        if key in (k, k.split("@")[0]):
+            return o
+    return None
+
+
+def problems_of(overrides: Sequence[str]) -> list[str]:
+    """Every problem of one override list: each override Hydra cannot compose (our wording; the
+    composition is retried without it), then — if any — the validation problems of what remains,
+    so that a command line with several mistakes hears of all of them at once."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+
+    from .validate import ConfigError, validate
+    from .catalog.specs import SEARCHPATH
+    problems, rest = [], list(overrides)
+    while True:
+        try:
+            cfg = compose("config", overrides=rest, return_hydra_config=True)
+        except HydraException as e:
+            problems.append(explain(e, rest))
+            culprit = _culprit(e, rest)
+            if culprit is None:
+                return problems
+            rest.remove(culprit)
+            continue
+        if problems:
+            token = SEARCHPATH.set(tuple(cfg.hydra.searchpath or ()))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            try:
+                validate(cfg)
+            except ConfigError as e:
+                problems += e.problems
+            finally:
+                SEARCHPATH.reset(token)
+        return problems
 
 
 def precheck(argv: Sequence[str]) -> list[str]:
@@ -126,10 +160,11 @@ def precheck(argv: Sequence[str]) -> list[str]:
     Hydra handles itself, e.g. ``--help``)."""
     if any(a.startswith("-") and a not in _HYDRA_FLAGS for a in argv):
         return []
-    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
+    overrides = [a for a in argv if not a.startswith("-") and (a.startswith("hydra.searchpath=")
+                                                               or not a.lstrip("+~").startswith("hydra."))]
     if not overrides:
         return []
-    from hydra import compose, initialize_config_module
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
@@ -144,12 +179,7 @@ def precheck(argv: Sequence[str]) -> list[str]:
     try:
         with initialize_config_module(CONF_MODULE, version_base="1.3"):
             for variant in variants:
-                try:
-                    compose("config", overrides=variant)
-                except HydraException as e:
-                    line = explain(e, variant)
-                    if line not in problems:
-                        problems.append(line)
+                problems += [p for p in problems_of(variant) if p not in problems]
     finally:
         GlobalHydra.instance().clear()
     return problems

@@ -52,6 +52,11 @@ class Session:
         return cls(cfg, model_cfg, backbone, model_identity(model_cfg, cfg.seed), cache, device,
                    cfg.trainer.progress_bar if progress is None else bool(progress), batch_size)
 
+    def splits(self, ds_cfg, names) -> dict:
+        """``{name: dataset}`` of the splits ``names`` of ``ds_cfg`` under the backbone's preprocessing
+        (guarded: :func:`~residual_exp.data.registry.build_split`)."""
+        return {name: build_split(ds_cfg, name, self.backbone.transform) for name in names}
+
     def split(self, ds_cfg, split: str, max_samples: int | None = None):
         """``(dataset, identity)`` of ``split``, uniformly subsampled to ``max_samples`` (seeded)."""
         return subsample_split(build_split(ds_cfg, split, self.backbone.transform), ds_cfg, split,

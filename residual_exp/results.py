@@ -137,23 +137,17 @@ class TrainedLambda:
 
 
 def save_lambda(adapter, layout, path: Path, method: str) -> Path | None:
-    """Write ``adapter``'s trained parameters (the format of :class:`TrainedLambda`) atomically.
-
-    ``finetune`` writes nothing here (the tower is in ``checkpoints/best.ckpt``).
-    """
+    """Write ``adapter``'s trained parameters (:meth:`~residual_exp.methods.base.Adapter.lambda_state`,
+    the format of :class:`TrainedLambda`) atomically; None when the method has none to write
+    (finetune: the tower is in ``checkpoints/best.ckpt``)."""
     from safetensors.torch import save_file
-    if method == "finetune":
+    state = adapter.lambda_state(layout)
+    if state is None:
         return None
+    tensors, units = state
     meta = {"method": method}
-    if hasattr(adapter, "lambdas"):
-        tensors = {"lambda": adapter.lambdas(), "mask": adapter.mask}
-        meta["units"] = json.dumps(["output"] if adapter.from_feature
-                                   else [layout.names[i] for i in adapter.selected.tolist()])
-    elif hasattr(adapter, "selected"):
-        tensors = {"lambda": adapter.lam}
-        meta["units"] = json.dumps([layout.names[i] for i in adapter.selected.tolist()])
-    else:
-        tensors = dict(adapter.state_dict())
+    if units:
+        meta["units"] = json.dumps(units)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)

@@ -18,9 +18,10 @@ from .validate import ConfigError, validate
 def run(cfg: DictConfig) -> int:
     validate(cfg)
     from .runtime import quiet_libraries
-    from .tasks import TASKS, get_task
+    from .config import TASKS
+    from .tasks import get_task
     name = cfg.task.name
-    if name not in TASKS:       # a task config (schema, YAML) without an implementation
+    if name not in TASKS:       # a task config (YAML) without a schema naming its implementation
         raise ConfigError([f"task.name={name}: no such task is implemented; must be one of "
                            f"{' | '.join(TASKS)}"])
     quiet_libraries()

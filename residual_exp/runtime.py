@@ -31,6 +31,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cuda_problems(wants: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``(key, value, what)`` for each CUDA request (``device=cuda[:N]``, ``trainer.accelerator=gpu``)
+    this machine cannot serve (the config validator's only torch-dependent check)."""
+    if not torch.cuda.is_available():
+        return [(key, value, "CUDA is not available on this machine: use device=cpu or device=auto"
+                 + (" and trainer.accelerator=auto (or cpu)" if key == "trainer.accelerator" else ""))
+                for key, value in wants]
+    n = torch.cuda.device_count()
+    return [(key, value, f"this machine has {n} CUDA device{'s' if n != 1 else ''}: use cuda:0 … cuda:{n - 1}, "
+                         f"cuda or auto") for key, value in wants
+            if key == "device" and value.startswith("cuda:") and int(value[5:]) >= n]
+
+
 def run_dir_of(cfg) -> Path:
     """The job's own output folder (``paths.output_dir``; the working directory outside Hydra)."""
     try:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..catalog import COARSE_OTHERS, Ablation, Score, names
 from ..classifiers import top1_accuracy
 from ..spectral import PCABasis, StreamingPCA, unit_similarity
 
@@ -126,10 +127,10 @@ def ablated_feature(units, head_idx: Sequence[int], kept: Sequence[int], ablatio
     The reference implementation of the formula in the module docstring (one k at a time);
     :func:`selection_curve` computes the same incrementally for many k.
     """
-    if ablation not in ("zero", "mean"):
-        raise ValueError(f"ablation must be zero or mean, got {ablation!r}")
-    if others not in ("drop", "add"):
-        raise ValueError(f"others must be drop or add, got {others!r}")
+    if ablation not in set(Ablation):
+        raise ValueError(f"ablation must be {' or '.join(Ablation)}, got {ablation!r}")
+    if others not in COARSE_OTHERS:
+        raise ValueError(f"others must be {' or '.join(COARSE_OTHERS)}, got {others!r}")
     kept_set = {int(p) for p in kept}
     n, _, d = units.shape
     out = torch.zeros(n, d)
@@ -155,9 +156,9 @@ def selection_curve(units, labels, classifier: Callable, head_idx: Sequence[int]
     Equal to ``top1_accuracy(classifier, ablated_feature(units, head_idx, order[:k], …))`` for each
     k, computed with one running sum over the order.
     """
-    if ablation not in ("zero", "mean"):
-        raise ValueError(f"ablation must be zero or mean, got {ablation!r}")
-    if ablation == "mean" and means is None:
+    if ablation not in set(Ablation):
+        raise ValueError(f"ablation must be {' or '.join(Ablation)}, got {ablation!r}")
+    if ablation == Ablation.mean and means is None:
         raise ValueError("mean ablation needs the reference means")
     n, _, d = units.shape
     heads = [head_idx[int(p)] for p in order]
@@ -183,7 +184,7 @@ def selection_curve(units, labels, classifier: Callable, head_idx: Sequence[int]
     return np.array([acc[int(k)] for k in ks])
 
 
-SCORES = ("zero_shot", "text_alignment", "output_correlation")
+SCORES = names(Score)
 
 
 def head_basis(units, head_idx: Sequence[int], chunk: int = 1024) -> PCABasis:

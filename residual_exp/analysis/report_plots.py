@@ -11,13 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..atomic import save_figure  # noqa: E402
-from ..methods import METHODS  # noqa: E402
+from ..catalog import method_order  # noqa: E402
 from ..results import LAMBDA_FILE, load_lambda  # noqa: E402
 
 
 def _methods(df) -> list[str]:
     present = set(df.method)
-    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+    order = method_order()
+    return [m for m in order if m in present] + sorted(present - set(order))
 
 
 def _colors(methods: list[str]) -> dict[str, tuple]:

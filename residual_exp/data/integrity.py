@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..atomic import atomic_write_text
+from ..catalog import EVAL_SPLITS
 from .errors import BadImageError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ def split_problems(splits: Mapping[str, Any], classnames: Sequence[str]) -> list
         if len(counts) == 1:
             (t, c), = counts.items()
             out.append(f"split {name!r} has a single class: {_name(classnames, t)} ({c} images)")
-        if name in ("val", "test") and train_labels is not None:
+        if name in EVAL_SPLITS and train_labels is not None:
             missing = {t: c for t, c in counts.items() if t not in train_labels}
             if missing:
                 shown = ", ".join(f"{_name(classnames, t)} ({c} images)"

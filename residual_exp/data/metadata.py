@@ -442,61 +442,8 @@ CLASSNAMES: MappingProxyType = MappingProxyType({
     "imagenet": IMAGENET,
 })
 
-# ----------------------------------------------------------------------------- sources
-
-_TV = "torchvision dataset object's `.classes`"
-SOURCES: MappingProxyType = MappingProxyType({
-    "cifar10": {
-        "classnames": f"{OFFICIAL}: metadata.CIFAR10; equals the {_TV} (batches.meta)",
-        "templates": f"{OFFICIAL}, CIFAR-10 (18 templates, as CLIP prompts.md)"},
-    "cifar100": {
-        "classnames": f"{OFFICIAL}: metadata.CIFAR100, kept verbatim (underscores, 'cra' "
-                      f"for crab). vision.py still builds the names from the {_TV} "
-                      "cleaned with clean_classname ('aquarium fish', 'crab'), which "
-                      "differ in 10 of 100 names",
-        "templates": f"{OFFICIAL}, CIFAR-100 (the 18 CIFAR templates)"},
-    "dtd": {
-        "classnames": f"{OFFICIAL}: metadata.DTD; equals the sorted image folders that "
-                      "vision.py reads",
-        "templates": f"{OFFICIAL}, DTD (8 templates)"},
-    "eurosat": {
-        "classnames": f"{OFFICIAL}: metadata.EUROSAT (folder -> name), placed on our "
-                      "sorted-folder labels (the official list is in another order)",
-        "templates": f"{OFFICIAL}, EuroSAT (3 templates)"},
-    "gtsrb": {
-        "classnames": f"{OFFICIAL}: metadata.GTSRB (ClassId -> description)",
-        "templates": f"{OFFICIAL}, GTSRB (3 templates, class name without quotes; "
-                     "CLIP prompts.md quotes it)"},
-    "mnist": {
-        "classnames": f"{OFFICIAL}: digits '0'..'9' (torchvision's '0 - zero' form is "
-                      "not used)",
-        "templates": f"{OFFICIAL}, MNIST (1 template)"},
-    "resisc45": {
-        "classnames": f"{OFFICIAL}: metadata.RESISC45_FOLDERS with underscores -> spaces",
-        "templates": f"{OFFICIAL}, RESISC45 (18 templates)"},
-    "stanford_cars": {
-        "classnames": f"{OFFICIAL}: metadata.STANFORD_CARS (devkit order); equals the "
-                      f"{_TV} (cars_meta.mat)",
-        "templates": f"{OFFICIAL}, Stanford Cars (8 templates)"},
-    "sun397": {
-        "classnames": f"{OFFICIAL}: its 397 names, placed by folder on our ClassName.txt "
-                      "labels (metadata.SUN397_FOLDERS, cleaned); equals the cleaned "
-                      f"{_TV}. Order differs from the official list at 206/207 "
-                      "(jail indoor / jail cell)",
-        "templates": f"{OFFICIAL}, SUN397 (2 templates)"},
-    "svhn": {
-        "classnames": f"{OFFICIAL}: digits '0'..'9' (torchvision maps the .mat label 10 "
-                      "to digit 0)",
-        "templates": f"{OFFICIAL}: the MNIST template (CLIP did not evaluate SVHN)"},
-    "imagenet": {
-        "classnames": "open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES (indexed by sorted "
-                      f"WordNet id); identical to the {OFFICIAL}",
-        "templates": "open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES (CLIP's 80); "
-                     f"identical to the {OFFICIAL}"},
-    "image_folder": {
-        "classnames": "the user's class folder names, underscores -> spaces",
-        "templates": "dataset.params.templates if given, else ('a photo of a {}.',)"},
-})
+# where each list comes from: the dataset configs' spec.classnames / spec.templates
+# (conf/dataset/NAME.yaml), which cite OFFICIAL for the paper's ten
 
 _N_CLASSES = {"cifar10": 10, "cifar100": 100, "dtd": 47, "eurosat": 10, "gtsrb": 43,
               "mnist": 10, "resisc45": 45, "stanford_cars": 196, "sun397": 397, "svhn": 10,
@@ -504,4 +451,4 @@ _N_CLASSES = {"cifar10": 10, "cifar100": 100, "dtd": 47, "eurosat": 10, "gtsrb":
 assert {k: len(v) for k, v in CLASSNAMES.items()} == _N_CLASSES
 assert len(_CIFAR_TEMPLATES) == 18 and len(_DTD_TEMPLATES) == 8 and len(_CARS_TEMPLATES) == 8
 assert len(_RESISC45_TEMPLATES) == 18 and len(_IMAGENET_TEMPLATES) == 80
-assert set(TEMPLATES) == set(SOURCES) == set(CLASSNAMES) | {"image_folder"}
+assert set(TEMPLATES) == set(CLASSNAMES) | {"image_folder"}

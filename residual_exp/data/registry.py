@@ -1,10 +1,12 @@
-"""Dataset registry: ``dataset=NAME`` resolves here.
+"""Datasets: ``dataset=NAME`` resolves here.
 
-Every dataset is a *builder* ``fn(cfg, split, transform) -> ClassificationSplit``, where
-``cfg`` is the ``dataset`` config node (``name``, ``root``, ``download``, ``params``),
+Every dataset is a *builder* ``fn(cfg, split, transform) -> ClassificationSplit`` named by its
+config's ``spec.builder`` (an import path; :class:`~residual_exp.catalog.DatasetSpec`), where
+``cfg`` is the ``dataset`` config node (``name``, ``root``, ``download``, ``params``, ``spec``),
 ``split`` is one of ``train | val | test | reference`` and ``transform`` maps a PIL image
 to a tensor (the backbone's preprocessing).  ``reference`` is the split used to fit PCA
-bases (ImageNet train in the paper; the synthetic ``shapes`` data has its own).
+bases (ImageNet train in the paper; the synthetic ``shapes`` data has its own).  A new dataset
+is its builder (a module anywhere on the path) and its YAML file.
 
 :func:`build_split` guards every dataset when it is opened: it refuses (with a
 :class:`~.errors.DatasetError` naming the dataset, split and classes) a dataset with fewer
@@ -18,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from ..catalog import EVAL_SPLITS, Split, load, spec_of
 from . import integrity
 from .errors import DatasetNotFound
 from .errors import (BadImageError, ClassesMissingFromTrainError, DatasetError,  # noqa: F401
@@ -33,7 +35,6 @@ from .integrity import FileItems, SourceFiles, Synthetic, fingerprint  # noqa: F
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test", "reference")
 
 
 class ClassificationSplit(Dataset):
@@ -147,39 +148,9 @@ class ClassificationSplit(Dataset):
         return out
 
 
-@dataclass
-class DatasetEntry:
-    name: str
-    builder: Callable[..., ClassificationSplit]
-    description: str = ""
-    how_to_get: str = ""          # shown when the data is missing
-    meta: dict[str, Any] = field(default_factory=dict)
-    # ``labels(cfg, split) -> labels`` without building images (optional fast path used
-    # by the train-class guard; default: ``builder(cfg, split).targets``)
-    labels: Callable[..., Sequence[int]] | None = None
-
-
-_REGISTRY: dict[str, DatasetEntry] = {}
-
-
-def register_dataset(name: str, description: str = "", how_to_get: str = "",
-                     labels: Callable[..., Sequence[int]] | None = None, **meta):
-    def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"dataset {name!r} registered twice")
-        _REGISTRY[name] = DatasetEntry(name, fn, description, how_to_get, meta, labels)
-        return fn
-    return deco
-
-
-def list_datasets() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_entry(name: str) -> DatasetEntry:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+def builder_of(cfg) -> Callable[..., ClassificationSplit]:
+    """The builder ``cfg.spec.builder`` names."""
+    return load(spec_of("dataset", cfg).builder)
 
 
 def _opt(cfg, key: str, default=None):
@@ -206,15 +177,17 @@ def scan_cache_dir(cfg) -> Path | None:
     return split_path(root, "_", params.get("splits_dir")).parent
 
 
-def _train_labels(entry: DatasetEntry, cfg) -> list[int] | None:
-    """Labels of the train split (no images decoded); ``None`` when its data is missing."""
+def _train_labels(cfg) -> list[int] | None:
+    """Labels of the train split (no images decoded where the spec names a ``labels`` function);
+    ``None`` when its data is missing."""
+    labels = spec_of("dataset", cfg).labels
     try:
-        if entry.labels is not None:
-            return [int(t) for t in entry.labels(cfg, "train")]
-        return list(entry.builder(cfg, "train", None).targets)
+        if labels:
+            return [int(t) for t in load(labels)(cfg, Split.train)]
+        return list(builder_of(cfg)(cfg, Split.train, None).targets)
     except DatasetNotFound as e:
         log.warning("dataset %r: cannot check the classes of the other splits against train: "
-                    "the train data is missing (%s)", entry.name, str(e).splitlines()[0])
+                    "the train data is missing (%s)", cfg.name, str(e).splitlines()[0])
         return None
 
 
@@ -234,7 +207,7 @@ def check_split(ds: ClassificationSplit, train_labels: Sequence[int] | None,
         if after_skip and ds.n_skipped:
             hint = (f"All {ds.n_skipped} images of the split are unreadable and were skipped "
                     f"(dataset.skip_bad_images=true), e.g. {ds.skipped[0]}; fix or replace them")
-        elif split == "val":
+        elif split == Split.val:
             hint = ("Nothing was carved out of (or found for) val: the train source is too "
                     "small for the val fraction, or the val data is empty; add data, raise "
                     "dataset.params.val_fraction (where the dataset has it) or check the "
@@ -247,7 +220,7 @@ def check_split(ds: ClassificationSplit, train_labels: Sequence[int] | None,
     if len(train_counts) < 2:
         raise TooFewClassesError.build(name, split, ds.classnames, train_counts, root,
                                        hint="Raise dataset.params.n_train" if synthetic else None)
-    if split in ("val", "test"):
+    if split in EVAL_SPLITS:
         counts = integrity.class_counts(ds.targets)
         missing = {t: c for t, c in counts.items() if t not in train_counts}
         if missing:
@@ -265,20 +238,20 @@ def build_split(cfg, split: str, transform: Callable | None = None, *,
     ``dataset.skip_bad_images=true``, its undecodable images are dropped; ``check=False``
     returns the split as the builder made it (``task=inspect_data`` reports instead).
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {SPLITS}")
-    entry = get_entry(cfg.name)
-    ds = entry.builder(cfg, split, transform)
+    if split not in set(Split):
+        raise ValueError(f"unknown split {split!r}; valid: {' | '.join(Split)}")
+    split = str(split)                                   # a plain string from here on (messages, records)
+    ds = builder_of(cfg)(cfg, split, transform)
     ds.content_hash = bool(_opt(cfg, "content_hash", False))
     if ds.root is None and _root(cfg) is not None and not isinstance(ds.provenance, Synthetic):
         ds.root = str(_root(cfg))
     if not check:
         return ds
     root = ds.root
-    if split == "train":
+    if split == Split.train:
         train_labels = ds.targets
-    elif split in ("val", "test"):
-        train_labels = _train_labels(entry, cfg)
+    elif split in EVAL_SPLITS:
+        train_labels = _train_labels(cfg)
     else:
         train_labels = None
     check_split(ds, train_labels, root)
@@ -286,7 +259,7 @@ def build_split(cfg, split: str, transform: Callable | None = None, *,
         before = integrity.class_counts(ds.targets)
         ds = integrity.skip_bad_images(ds, scan_cache_dir(cfg))
         if ds.n_skipped:
-            if split == "train" and len(ds):
+            if split == Split.train and len(ds):
                 after = integrity.class_counts(ds.targets)
                 lost = {t: c for t, c in before.items() if t not in after}
                 if lost:
@@ -295,7 +268,7 @@ def build_split(cfg, split: str, transform: Callable | None = None, *,
                         hint=f"Every train image of {'this class' if len(lost) == 1 else 'these classes'} "
                              f"is unreadable and was skipped (dataset.skip_bad_images=true), "
                              f"e.g. {ds.skipped[0]}; fix or replace the files")
-            check_split(ds, ds.targets if split == "train" else None, root, after_skip=True)
+            check_split(ds, ds.targets if split == Split.train else None, root, after_skip=True)
     return ds
 
 

@@ -52,7 +52,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .integrity import Synthetic
-from .registry import ClassificationSplit, register_dataset
+from .registry import ClassificationSplit
 
 __all__ = [
     "ATTRIBUTES", "TEMPLATES", "SPLIT_IDS", "CHUNK", "COLOR_RGB",
@@ -480,12 +480,6 @@ def _make_labels(attribute: str):
     return labels
 
 
-for _attr in _ATTR_ORDER:
-    register_dataset(
-        f"shapes_{_attr}",
-        description=f"synthetic shapes, label = {_attr} ({len(ATTRIBUTES[_attr])} classes: "
-                    f"{', '.join(ATTRIBUTES[_attr])})",
-        how_to_get="embedded: generated procedurally in memory, nothing to download",
-        labels=_make_labels(_attr), attribute=_attr, synthetic=True,
-    )(_make_builder(_attr))
-del _attr
+# the builders the dataset configs name (conf/dataset/shapes_<attribute>.yaml: spec.builder / spec.labels)
+build_shape, build_color, build_size, build_position, build_background = map(_make_builder, _ATTR_ORDER)
+labels_shape, labels_color, labels_size, labels_position, labels_background = map(_make_labels, _ATTR_ORDER)

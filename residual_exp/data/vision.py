@@ -3,9 +3,9 @@
 ``dataset=NAME`` with NAME in ``cifar10 cifar100 dtd eurosat gtsrb mnist resisc45
 stanford_cars sun397 svhn imagenet image_folder``; ``dataset.root`` points at the data.
 
-Every dataset is one :class:`Spec` row: how to open an official split from disk (mostly a
-torchvision dataset class), the expected layout under ``root``, how to get the data, and
-the split protocol of the paper:
+Every dataset is one :class:`Loader` row — how to open an official split from disk (mostly a
+torchvision dataset class), the expected layout under ``root``, how to get the data — and its
+config's ``spec`` says the split protocol of the paper (``conf/dataset/NAME.yaml``):
 
 ``carve_val``  train/val carved from the official train split (stratified, seed 42,
                ``val_fraction``); test = the official test split
@@ -45,11 +45,12 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from . import metadata as md
 from .errors import ClassesMissingFromTrainError, DatasetError, DatasetNotFound, _indent
 from .integrity import FileItems, SourceFiles, decode_image
-from .registry import ClassificationSplit, register_dataset
+from ..catalog import Protocol, Split, spec_of
+from .registry import ClassificationSplit
 from .splits import load_or_create, split_path
 
-__all__ = ["DatasetNotFound", "Source", "Spec", "SPECS", "build", "build_image_folder",
-           "check_available", "clear_cache"]
+__all__ = ["DatasetNotFound", "Source", "Loader", "LOADERS", "build", "build_image_folder",
+           "check_available", "clear_cache", "official_split"]
 
 
 # ----------------------------------------------------------------------------- sources
@@ -232,84 +233,74 @@ def _check_range(name: str, labels: Sequence[int], n: int) -> None:
 # ------------------------------------------------------------------------------- specs
 
 @dataclass(frozen=True)
-class Spec:
+class Loader:
+    """How one dataset's official splits are read from disk.  What the dataset *is* (protocol,
+    sizes, val fraction, whether it downloads) is its config's spec (``conf/dataset/NAME.yaml``)."""
     name: str
-    description: str
     open: Callable[[Path, str, bool], Source]
-    protocol: str                                  # carve_val | three_way | official
     layout: str                                    # expected on-disk layout under root
     how_to_get: str
     # official split -> paths under root that must exist; a tuple entry means "any of"
     required: Mapping[str, Sequence[str | tuple[str, ...]]]
-    val_fraction: float = 0.0                      # carve_val only
-    can_download: bool = False                     # dataset.download=true works
 
-    def official_split(self, split: str) -> str:
-        """The on-disk split a requested split is read from."""
-        if self.protocol == "three_way":
-            return "all"
-        if self.protocol == "official":
-            return "train" if split == "reference" else split
-        return "test" if split == "test" else "train"
+
+def official_split(protocol: str, split: str) -> str:
+    """The on-disk split a requested split is read from under ``protocol``."""
+    if protocol == Protocol.three_way:
+        return "all"
+    if protocol == Protocol.official:
+        return Split.train if split == Split.reference else split
+    return Split.test if split == Split.test else Split.train
 
 
 _TV_DOWNLOAD = ("Set dataset.download=true and torchvision downloads and extracts it under "
                 "root (once; needs network access), or place the files there yourself.")
-_THREE_WAY = {"val": 0.1, "test": 0.1}
 
-SPECS: dict[str, Spec] = {s.name: s for s in [
-    Spec("cifar10", "CIFAR-10 (10 classes, 50k train / 10k test, 32x32)",
-         _open_cifar(tvd.CIFAR10), "carve_val", val_fraction=0.1, can_download=True,
+LOADERS: dict[str, Loader] = {s.name: s for s in [
+    Loader("cifar10", _open_cifar(tvd.CIFAR10),
          layout="cifar-10-batches-py/\n  data_batch_1 ... data_batch_5\n  test_batch\n"
                 "  batches.meta",
          how_to_get=_TV_DOWNLOAD + " The files are the 'CIFAR-10 python version' archive "
                     "(cifar-10-python.tar.gz) from the dataset's official page.",
          required={"train": ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/batches.meta"],
                    "test": ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"]}),
-    Spec("cifar100", "CIFAR-100 (100 fine classes, 50k train / 10k test, 32x32)",
-         _open_cifar(tvd.CIFAR100), "carve_val", val_fraction=0.1, can_download=True,
+    Loader("cifar100", _open_cifar(tvd.CIFAR100),
          layout="cifar-100-python/\n  train\n  test\n  meta",
          how_to_get=_TV_DOWNLOAD + " The files are the 'CIFAR-100 python version' archive "
                     "(cifar-100-python.tar.gz) from the dataset's official page.",
          required={"train": ["cifar-100-python/train", "cifar-100-python/meta"],
                    "test": ["cifar-100-python/test", "cifar-100-python/meta"]}),
-    Spec("mnist", "MNIST handwritten digits (10 classes, 60k train / 10k test, 28x28 grey)",
-         _open_mnist, "carve_val", val_fraction=0.1, can_download=True,
+    Loader("mnist", _open_mnist,
          layout="MNIST/raw/\n  train-images-idx3-ubyte\n  train-labels-idx1-ubyte\n"
                 "  t10k-images-idx3-ubyte\n  t10k-labels-idx1-ubyte",
          how_to_get=_TV_DOWNLOAD + " (the four idx files, gunzipped).",
          required={"train": ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte"],
                    "test": ["MNIST/raw/t10k-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"]}),
-    Spec("svhn", "SVHN cropped digits (10 classes, 73k train / 26k test, 32x32)",
-         _open_svhn, "carve_val", val_fraction=0.2, can_download=True,
+    Loader("svhn", _open_svhn,
          layout="svhn/\n  train_32x32.mat\n  test_32x32.mat",
          how_to_get=_TV_DOWNLOAD + " The files are the 'Format 2: cropped digits' .mat files "
                     "from the dataset's official page (extra_32x32.mat is not used). Note "
                     "the svhn/ sub-folder: it is torchvision's SVHN root.",
          required={"train": ["svhn/train_32x32.mat"], "test": ["svhn/test_32x32.mat"]}),
-    Spec("gtsrb", "German Traffic Sign Recognition Benchmark (43 classes, 26.6k train / 12.6k test)",
-         _open_gtsrb, "carve_val", val_fraction=0.1, can_download=True,
+    Loader("gtsrb", _open_gtsrb,
          layout="gtsrb/\n  GTSRB/Training/00000/*.ppm ... GTSRB/Training/00042/*.ppm\n"
                 "  GTSRB/Final_Test/Images/*.ppm\n  GT-final_test.csv",
          how_to_get=_TV_DOWNLOAD + " (GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip "
                     "and GTSRB_Final_Test_GT.zip from the benchmark's official page).",
          required={"train": ["gtsrb/GTSRB/Training"],
                    "test": ["gtsrb/GTSRB/Final_Test/Images", "gtsrb/GT-final_test.csv"]}),
-    Spec("dtd", "Describable Textures, partition 1 (47 classes, 1880 train / 1880 test)",
-         _open_dtd, "carve_val", val_fraction=0.2, can_download=True,
+    Loader("dtd", _open_dtd,
          layout="dtd/dtd/\n  images/<class>/<class>_NNNN.jpg\n  labels/train1.txt\n"
                 "  labels/test1.txt",
          how_to_get=_TV_DOWNLOAD + " (dtd-r1.0.1.tar.gz from the dataset's official page, "
                     "extracted into root/dtd/).",
          required={"train": ["dtd/dtd/images", "dtd/dtd/labels/train1.txt"],
                    "test": ["dtd/dtd/images", "dtd/dtd/labels/test1.txt"]}),
-    Spec("eurosat", "EuroSAT RGB (10 land-use classes, 27k images, 80/10/10 split)",
-         _open_eurosat, "three_way", can_download=True,
+    Loader("eurosat", _open_eurosat,
          layout="eurosat/2750/\n  AnnualCrop/*.jpg\n  Forest/*.jpg\n  ...\n  SeaLake/*.jpg",
          how_to_get=_TV_DOWNLOAD + " (the RGB EuroSAT.zip, extracted into root/eurosat/).",
          required={"all": ["eurosat/2750"]}),
-    Spec("sun397", "SUN397 scenes (397 classes, ~108k images, 80/10/10 split)",
-         _open_sun397, "three_way",
+    Loader("sun397", _open_sun397,
          layout="SUN397/\n  ClassName.txt\n  a/abbey/sun_*.jpg\n"
                 "  a/apartment_building/outdoor/sun_*.jpg\n  ...",
          how_to_get="Automatic download is not available (the original archive host is "
@@ -318,8 +309,7 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
                     "database project) and extract it in root, so that "
                     "root/SUN397/ClassName.txt exists.",
          required={"all": ["SUN397/ClassName.txt"]}),
-    Spec("stanford_cars", "Stanford Cars (196 classes, 8144 train / 8041 test)",
-         _open_cars, "carve_val", val_fraction=0.2,
+    Loader("stanford_cars", _open_cars,
          layout="stanford_cars/\n  devkit/cars_meta.mat\n  devkit/cars_train_annos.mat\n"
                 "  cars_train/*.jpg\n  cars_test_annos_withlabels.mat\n  cars_test/*.jpg",
          how_to_get="Automatic download is not available: the original download location "
@@ -332,8 +322,7 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
                              "stanford_cars/devkit/cars_train_annos.mat", "stanford_cars/cars_train"],
                    "test": ["stanford_cars/devkit/cars_meta.mat",
                             "stanford_cars/cars_test_annos_withlabels.mat", "stanford_cars/cars_test"]}),
-    Spec("resisc45", "NWPU-RESISC45 remote sensing scenes (45 classes, official 18.9k/6.3k/6.3k split)",
-         _open_resisc45, "official",
+    Loader("resisc45", _open_resisc45,
          layout="NWPU-RESISC45/<class>/<class>_NNN.jpg   (e.g. NWPU-RESISC45/sea_ice/sea_ice_042.jpg)\n"
                 "resisc45-train.txt\nresisc45-val.txt\nresisc45-test.txt",
          how_to_get="Automatic download is not available. Download NWPU-RESISC45 from the "
@@ -345,8 +334,7 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
          required={"train": ["NWPU-RESISC45", "resisc45-train.txt"],
                    "val": ["NWPU-RESISC45", "resisc45-val.txt"],
                    "test": ["NWPU-RESISC45", "resisc45-test.txt"]}),
-    Spec("imagenet", "ImageNet-1k (ILSVRC2012): the reference set for the PCA bases",
-         _open_imagenet, "carve_val", val_fraction=0.2,
+    Loader("imagenet", _open_imagenet,
          layout="imagenet/\n  meta.bin             (or ILSVRC2012_devkit_t12.tar.gz)\n"
                 "  train/<wnid>/*.JPEG   (or ILSVRC2012_img_train.tar)\n"
                 "  val/<wnid>/*.JPEG     (or ILSVRC2012_img_val.tar)",
@@ -375,9 +363,9 @@ def _missing(root: Path, required: Sequence[str | tuple[str, ...]]) -> list[str]
     return out
 
 
-def check_available(spec: Spec, root: Path, split: str) -> list[str]:
-    """Paths (relative to root) the requested split needs but that do not exist."""
-    return _missing(root, spec.required[spec.official_split(split)])
+def check_available(cfg, root: Path, split: str) -> list[str]:
+    """Paths (relative to root) the requested split of the dataset ``cfg`` needs but that do not exist."""
+    return _missing(root, LOADERS[cfg.name].required[official_split(spec_of("dataset", cfg).protocol, split)])
 
 
 _OPENED: dict[tuple[str, str, str], Source] = {}
@@ -389,7 +377,7 @@ def clear_cache() -> None:
     _OPENED.clear()
 
 
-def _open(spec: Spec, root: Path, official: str, download: bool) -> Source:
+def _open(spec: Loader, root: Path, official: str, download: bool, can_download: bool) -> Source:
     """Open an official split, turning every way of failing into :class:`DatasetNotFound`.
 
     Opened sources are cached per process (train, val and reference all read the official
@@ -398,19 +386,19 @@ def _open(spec: Spec, root: Path, official: str, download: bool) -> Source:
     key = (spec.name, str(root), official)
     if key in _OPENED:
         return _OPENED[key]
-    src = _open_uncached(spec, root, official, download)
+    src = _open_uncached(spec, root, official, download, can_download)
     while len(_OPENED) >= _MAX_OPENED:
         _OPENED.pop(next(iter(_OPENED)))
     _OPENED[key] = src
     return src
 
 
-def _open_uncached(spec: Spec, root: Path, official: str, download: bool) -> Source:
+def _open_uncached(spec: Loader, root: Path, official: str, download: bool, can_download: bool) -> Source:
     def not_found(missing=(), problem=None):
         return DatasetNotFound(spec.name, root, spec.layout, spec.how_to_get, missing, problem)
 
     missing = _missing(root, spec.required[official])
-    if missing and not (download and spec.can_download):
+    if missing and not (download and can_download):
         problem = None
         if download:
             problem = (f"dataset {spec.name!r}: data not found under root {str(root)!r} and "
@@ -466,32 +454,25 @@ def _make(name: str, split: str, src: Source, positions: Sequence[int] | None,
                                root=root)
 
 
-def build(spec: Spec, cfg, split: str, transform=None) -> ClassificationSplit:
-    """Builder shared by every :class:`Spec` (``registry.build_split`` calls this)."""
+def build(cfg, split: str, transform=None) -> ClassificationSplit:
+    """Builder of every dataset in :data:`LOADERS` (``spec.builder: residual_exp.data.vision.build``):
+    the official split ``cfg.spec.protocol`` reads ``split`` from, carved when the protocol says so."""
+    loader, spec = LOADERS[cfg.name], spec_of("dataset", cfg)
     root = Path(str(cfg.root)).expanduser().absolute()
     download = bool(getattr(cfg, "download", False))
-    templates = md.TEMPLATES[spec.name]
-    official = spec.official_split(split)
-    src = _open(spec, root, official, download)
-    if spec.protocol == "official" or official == "test":
-        return _make(spec.name, split, src, None, templates, transform, root)
-    fractions = _THREE_WAY if spec.protocol == "three_way" else {"val": spec.val_fraction}
+    templates = md.TEMPLATES[cfg.name]
+    official = official_split(spec.protocol, split)
+    src = _open(loader, root, official, download, bool(spec.can_download))
+    if spec.protocol == Protocol.official or official == Split.test:
+        return _make(cfg.name, split, src, None, templates, transform, root)
+    fractions = {"val": spec.val_fraction}
+    if spec.protocol == Protocol.three_way:
+        fractions["test"] = spec.test_fraction
     canon_targets = [src.labels[j] for j in src.canonical()]
-    parts = load_or_create(_split_file(cfg, spec.name), dataset=spec.name,
+    parts = load_or_create(_split_file(cfg, cfg.name), dataset=cfg.name,
                            targets=canon_targets, fractions=fractions)
-    return _make(spec.name, split, src, parts["train" if split == "reference" else split],
+    return _make(cfg.name, split, src, parts[Split.train if split == Split.reference else split],
                  templates, transform, root)
-
-
-def _register(spec: Spec) -> None:
-    register_dataset(spec.name, description=spec.description,
-                     how_to_get=spec.how_to_get, layout=spec.layout, protocol=spec.protocol,
-                     can_download=spec.can_download
-                     )(lambda cfg, split, transform=None: build(spec, cfg, split, transform))
-
-
-for _spec in SPECS.values():
-    _register(_spec)
 
 
 # ------------------------------------------------------------------------ image_folder
@@ -510,9 +491,6 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-@register_dataset("image_folder", description="your own class-per-folder data (train/ test/ [val/])",
-                  how_to_get=IMAGE_FOLDER_HOW, layout=IMAGE_FOLDER_LAYOUT, protocol="carve_val",
-                  can_download=False)
 def build_image_folder(cfg, split: str, transform=None) -> ClassificationSplit:
     root = Path(str(cfg.root)).expanduser().absolute()
     params = _params(cfg)

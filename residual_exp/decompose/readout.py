@@ -37,9 +37,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..catalog import UnitConvention, names
 from .units import UnitLayout
 
-CONVENTIONS = ("official", "centred")
+CONVENTIONS = names(UnitConvention)
 GROUPS = ("heads", "vectors", "consts")
 LOWRANK_KEYS = ("z", "vec", "vec_mean", "stats", "feature")
 DENSE_KEYS = ("units", "feature")

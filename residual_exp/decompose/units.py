@@ -20,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-KINDS = ("embed", "head", "mlp", "const")
+from ..catalog import UnitKind, names
+
+KINDS = names(UnitKind)
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import Adapter
+from ..catalog import Needs
+from ..export import Folded
+from .base import Adapter, Context
+
+PREFIX = "backbone."
 
 
 class Finetune(Adapter):
-    needs = "images"
+    needs = Needs.images
 
     def __init__(self, backbone) -> None:
         super().__init__()
@@ -17,8 +21,26 @@ class Finetune(Adapter):
         for p in self.backbone.vision.parameters():
             p.requires_grad_(True)
 
-    def prepare(self, units, feature):  # pragma: no cover - images never go through the cache
+    @classmethod
+    def build(cls, cfg, ctx: Context) -> "Finetune":
+        if ctx.backbone is None:
+            raise ValueError("method=finetune needs the backbone")
+        return cls(ctx.backbone)
+
+    def prepare(self, batch):  # pragma: no cover - images never go through the cache
         raise RuntimeError("finetune runs the backbone on images; it has no cached path")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.encode_image(images)
+
+    def lambda_state(self, layout):
+        return None                      # the tuned tower is in checkpoints/best.ckpt
+
+    @classmethod
+    def fold(cls, state, readout, cfg, layout, compat) -> Folded:
+        return Folded(readout.layout_dim, feature=torch.eye(readout.layout_dim, dtype=torch.float64))
+
+    @classmethod
+    def tuned_backbone(cls, state: dict) -> dict:
+        """The tuned tower's weights (the adapter's ``backbone.*`` entries)."""
+        return {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..catalog import Estimator
 from .pca import num_components_for_evr
 
 __all__ = ["linear_dimension", "linear_dimensions", "two_nn_distances", "twonn"]
@@ -136,8 +137,8 @@ def twonn(
     """
     if not 0.0 <= float(discard_fraction) < 1.0:
         raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction!r}")
-    if method not in ("linear", "mle"):
-        raise ValueError(f"method must be 'linear' or 'mle', got {method!r}")
+    if method not in set(Estimator):
+        raise ValueError(f"method must be {' or '.join(Estimator)}, got {method!r}")
     if x.ndim != 2:
         raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
     pts = x.to(torch.float64)

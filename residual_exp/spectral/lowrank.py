@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_path
+from ..decompose.readout import GROUPS
 from .pca import PCABasis, StreamingPCA, _sign_flip
 
-GROUP_ORDER = ("heads", "vectors", "consts")
+GROUP_ORDER = GROUPS          # the low-rank groups, in the readout's order
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path
+from ..catalog import EvrRule, names
 
 __all__ = ["PCABasis", "StreamingPCA", "num_components_for_evr"]
 
@@ -49,7 +50,7 @@ _META_PREFIX = "meta."
 _TENSOR_FIELDS = ("mean", "components", "eigenvalues", "explained_variance_ratio", "mask")
 
 
-EVR_RULES = ("strict", "inclusive")
+EVR_RULES = names(EvrRule)
 UNREACHABLE = ("all", "one")
 
 

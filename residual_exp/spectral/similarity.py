@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import torch
 
+from ..catalog import SimilarityUnweighted, SimilarityWeights, names
 from .pca import PCABasis
 
 __all__ = ["spectral_cosine", "unit_similarity", "cross_similarity", "greedy_match", "WEIGHTINGS", "UNWEIGHTED"]
 
-WEIGHTINGS = ("eigenvalues", "sqrt_eigenvalues")
-UNWEIGHTED = ("diagonal", "matched")
+WEIGHTINGS = names(SimilarityWeights)
+UNWEIGHTED = names(SimilarityUnweighted)
 
 
 def greedy_match(scores: torch.Tensor, valid_rows: torch.Tensor, valid_cols: torch.Tensor) -> torch.Tensor:

@@ -95,10 +95,6 @@ def run_intrinsic_dimension(cfg, a, out: Path) -> int:
 
 
 def run_spectral_similarity(cfg, a, out: Path) -> int:
-    if a.cross_model not in ("profile", "raw", "none"):
-        raise ValueError(f"analysis.cross_model={a.cross_model!r}; valid: profile, raw, none")
-    if not a.variants or any(v not in ("weighted", "unweighted") for v in a.variants):
-        raise ValueError(f"analysis.variants={list(a.variants)}; valid: weighted, unweighted")
     ref = reference_dataset(cfg.pca, cfg.dataset) if a.reference is None else \
         cfg.dataset if a.reference == cfg.dataset.name else group_node("dataset", a.reference, cfg)
     ref_split = a.reference_split or cfg.pca.split
@@ -155,9 +151,6 @@ def run_spectral_similarity(cfg, a, out: Path) -> int:
 
 
 def run_coarse_selection(cfg, a, out: Path) -> int:
-    if any(s not in ("zero", "mean") for s in a.ablations) or a.others not in ("drop", "add"):
-        raise ValueError(f"analysis.ablations must be zero/mean (got {list(a.ablations)}), "
-                         f"analysis.others drop/add (got {a.others!r})")
     score_rows, sel_rows, summary = [], [], []
     for label, mcfg in entry_nodes(a.models, "model", cfg):
         s = _session(cfg, a, mcfg)

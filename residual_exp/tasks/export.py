@@ -17,8 +17,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ..atomic import atomic_path
+from ..catalog import spec_of
 from ..config import ModelConfig
-from ..export import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, TENSORS_FILE, fold
+from ..export import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, TENSORS_FILE
 from ..results import read_classes, read_results, read_run_config
 from ..runtime import resolve_device, seed_everything
 
@@ -48,6 +49,7 @@ def _package_version() -> str:
 
 def export(cfg) -> int:
     from ..backbones import build_backbone
+    from ..methods import adapter_class
     if not cfg.get("run_dir"):
         raise ValueError("task=export needs run_dir=<a run folder of task=train>")
     run_dir = Path(str(cfg.run_dir)).expanduser()
@@ -56,6 +58,7 @@ def export(cfg) -> int:
     records = read_results(run_dir / "results.json")
     method = conf["method"]["name"]
     rec = next(r for r in records if r["method"] == method)
+    cls = adapter_class(OmegaConf.create(conf["method"]))
     out = Path(str(cfg.out)).expanduser() if cfg.get("out") else run_dir / "export"
     seed_everything(int(conf["seed"]))                       # random-init weights depend on the seed
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), conf["model"])
@@ -63,24 +66,20 @@ def export(cfg) -> int:
     units = conf["conventions"]["units"]
     backbone.use_convention(units)
     state = {}
-    if method != "base":
+    if spec_of("method", conf["method"]).trains:
         ckpt = torch.load(_trained_dir(run_dir) / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
         state = ckpt["state_dict"]
     adapter = {k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")}
-    copy = bool(cfg.task.copy_weights) or method == "finetune" or model_cfg.pretrained is None and not model_cfg.weights
-    if method == "finetune":                                 # the tuned tower
-        tuned = {k[len("backbone."):]: v for k, v in adapter.items() if k.startswith("backbone.")}
+    tuned = cls.tuned_backbone(adapter)                      # finetune: the tuned tower
+    if tuned is not None:
         missing, unexpected = backbone.load_state_dict(tuned, strict=False)
         if unexpected:
-            raise KeyError(f"finetune checkpoint does not fit the backbone: unexpected {unexpected[:5]}")
-    folded = fold(method, adapter, backbone.double().readout(), conf["cache"]["layout"], conf["method"]["others"],
-                  float(conf["method"]["dropped_value"]), conf.get("compat") == "official" and
-                  conf["method"]["others"] == "mean")
+            raise KeyError(f"{method} checkpoint does not fit the backbone: unexpected {unexpected[:5]}")
+    copy = bool(cfg.task.copy_weights) or tuned is not None or model_cfg.pretrained is None and not model_cfg.weights
+    folded = cls.fold(adapter, backbone.double().readout(), conf["method"], conf["cache"]["layout"],
+                      conf.get("compat", "none"))
     backbone.float()
-    if method == "base":
-        head_weight = None
-    else:
-        head_weight = state["head.weight"]
+    head_weight = state.get("head.weight")                  # None: nothing trained (base)
     prototype = conf["conventions"]["prototype"]
     if backbone.has_text:
         kind, scale, norm_w = "text", backbone.logit_scale, True

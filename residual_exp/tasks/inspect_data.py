@@ -15,9 +15,9 @@ above was found.
 """
 from __future__ import annotations
 
+from ..catalog import Split, spec_of
 from ..data import integrity, registry
 from ..data.errors import DatasetError
-from ..data.registry import SPLITS
 
 N_CLASSNAMES = 5
 N_TEMPLATES = 3
@@ -80,21 +80,12 @@ def inspect_data(cfg) -> int:
     """``cfg`` is the full Hydra config; its ``dataset`` node and ``task.verify`` are used."""
     ds_cfg = cfg.dataset
     verify = _verify_flag(cfg)
-    try:
-        entry = registry.get_entry(ds_cfg.name)
-    except KeyError as e:
-        print(e.args[0])
-        return 1
-    print(f"dataset: {entry.name} — {entry.description}")
+    print(f"dataset: {ds_cfg.name} — {spec_of('dataset', ds_cfg).description}")
     print(f"root:    {ds_cfg.root}")
     try:
-        splits = {s: registry.build_split(ds_cfg, s, check=False) for s in SPLITS}
+        splits = {s.value: registry.build_split(ds_cfg, s, check=False) for s in Split}
     except FileNotFoundError as e:
         print(str(e))
-        layout = entry.meta.get("layout")
-        if layout and "expected layout" not in str(e):      # a loader without our message
-            print("expected layout under root:\n  " + layout.replace("\n", "\n  "))
-            print("how to get it:\n  " + entry.how_to_get)
         return 1
     except DatasetError as e:
         print(str(e))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 
+from ..catalog import needs_bases, spec, spec_of
 from ..compose import group_node
 from ..pipeline import reference_dataset
 from ..plan import Throughput, plan_rows
@@ -47,15 +48,17 @@ def plan(cfg) -> int:
     grid = _grid(cfg)
     methods = {m: (cfg.method if m == cfg.method.name else group_node("method", m, cfg)) for m in grid["method"]}
     datasets = {d: (cfg.dataset if d == cfg.dataset.name else group_node("dataset", d, cfg)) for d in grid["dataset"]}
+    models = {m: (cfg.model.spec if m == cfg.model.name else spec("model", m)) for m in grid["model"]}
     cells = []
     for model, dataset, method in itertools.product(grid["model"], grid["dataset"], grid["method"]):
         ref = reference_dataset(cfg.pca, datasets[dataset])
-        mc = methods[method]
-        cells.append({"model": model, "dataset": dataset, "method": method, "batch_size": int(mc.batch_size),
-                      "reference": ref.name, "reference_split": cfg.pca.split, "reference_max": cfg.pca.max_samples,
-                      "params": dict(datasets[dataset].get("params") or {}),
-                      "reference_params": dict(ref.get("params") or {}),
-                      "needs_bases": mc.others == "mean"})
+        mc, ms = methods[method], spec_of("method", methods[method])
+        cells.append({"model": model, "model_spec": models[model], "dataset": dataset, "method": method,
+                      "dataset_spec": spec_of("dataset", datasets[dataset]), "batch_size": int(mc.batch_size),
+                      "trains": ms.trains, "finetune": ms.backbone_in_loop, "needs_bases": needs_bases(mc),
+                      "reference": ref.name, "reference_spec": spec_of("dataset", ref), "reference_split": cfg.pca.split,
+                      "reference_max": cfg.pca.max_samples, "params": dict(datasets[dataset].get("params") or {}),
+                      "reference_params": dict(ref.get("params") or {})})
     t = cfg.task.throughput
     tp = Throughput(dict(t.encode), dict(t.loader), float(t.train_steps), dict(t.finetune))
     dtype = cfg.cache.dtype if cfg.cache.dtype != "auto" else "float16"

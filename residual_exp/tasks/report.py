@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..methods import METHODS
+from ..catalog import method_order
 from ..results import CONVENTION_KEYS, LAMBDA_FILE, ResultsFileError, read_results
 from ..runtime import run_dir_of
 from ..tables import markdown_table
@@ -38,7 +38,8 @@ LAMBDA_PREFERENCE = ("residual_full", "residual_fine", "residual_coarse", "spect
 
 
 def _methods_order(present) -> list[str]:
-    return [m for m in METHODS if m in present] + sorted(m for m in present if m not in METHODS)
+    order = method_order()
+    return [m for m in order if m in present] + sorted(m for m in present if m not in order)
 
 
 def collect(dirs: list[Path]) -> tuple[list[dict], list[str]]:

@@ -14,23 +14,20 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..catalog import EVAL_SPLITS, RUN_SPLITS, Split, needs_bases
 from ..classifiers import top1_accuracy
-from ..data.registry import build_split
-from ..methods import build_adapter, needs_bases
+from ..methods import build_adapter
 from ..pipeline import Session
 from ..results import LAMBDA_FILE, results_table, save_lambda, write_classes, write_results
 from ..runtime import run_dir_of
-from ..train.data import ImageItems, StreamedEncoded, batches, prepare_encoded, prepared_bytes
+from ..train.data import TrainingData
 from ..train.fit import fit_and_test, training_threads
 from ..train.loggers import build_logger, finish_logger
 from ..train.module import AdapterModule
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 EVAL_BATCH_GPU = 8192                # validation / test batches on a GPU (the metric does not depend on it)
 
 
@@ -40,20 +37,20 @@ def train(cfg: DictConfig) -> int:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     s = Session.open(cfg)
-    splits = {name: build_split(cfg.dataset, name, s.backbone.transform) for name in SPLITS}
+    splits = s.splits(cfg.dataset, RUN_SPLITS)
     log.info("%s: %s", cfg.dataset.name, {name: len(d) for name, d in splits.items()})
-    enc = {name: s.encode_dataset(splits[name], cfg.dataset) for name in SPLITS}
-    head = s.classifier(cfg.dataset, splits["train"].classnames, splits["train"].templates,
-                        train_encoding=lambda: enc["train"])
-    write_classes(splits["train"].classnames, splits["train"].templates, run_dir)
+    enc = {name: s.encode_dataset(splits[name], cfg.dataset) for name in RUN_SPLITS}
+    train = splits[Split.train]
+    head = s.classifier(cfg.dataset, train.classnames, train.templates, train_encoding=lambda: enc[Split.train])
+    write_classes(train.classnames, train.templates, run_dir)
 
-    zs = {name: top1_accuracy(head, enc[name].features, enc[name].labels) for name in ("val", "test")}
+    zs = {name: top1_accuracy(head, enc[name].features, enc[name].labels) for name in EVAL_SPLITS}
     common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
                   zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"],
                   **conventions_record(cfg, s.backbone.has_text))
     records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
                     wall_seconds=round(time.time() - t_start, 2))]
-    if cfg.method.name != "base":
+    if cfg.method.spec.trains:
         records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir)))
         warn_below_zero_shot(records[-1], zs["val"])
 
@@ -92,17 +89,16 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) 
     adapter = build_adapter(cfg.method, s.source, s.backbone.output_dim, unit_basis, output_basis,
                             backbone=s.backbone, seed=cfg.seed, evr_rule=cfg.conventions.evr_rule,
                             compat=cfg.compat).float().to(s.device)
-    data, in_loop = training_data(cfg, adapter, splits, enc, s.device)
+    data = TrainingData(adapter, splits, enc, s.device, cache=cfg.method.cache,
+                        memory_budget_gb=cfg.cache.memory_budget_gb, backbone=s.backbone, layout=s.layout)
     eval_batch = cfg.method.batch_size if s.device == "cpu" else max(cfg.method.batch_size, EVAL_BATCH_GPU)
-    loaders = {name: batches(d, cfg.method.batch_size if name == "train" else eval_batch, name == "train",
-                             cfg.trainer.num_workers if in_loop else 0, cfg.seed)
-               for name, d in data.items()}
-    module = AdapterModule(adapter, head, cfg.method.lr, cfg.method.weight_decay, prepare_on_the_fly=in_loop,
-                           backbone=s.backbone, layout=s.layout)
+    loaders = data.loaders(cfg.method.batch_size, eval_batch, cfg.trainer.num_workers, cfg.seed)
+    module = AdapterModule(adapter, head, cfg.method.lr, cfg.method.weight_decay, feed=data.feed)
     logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
     code = 1
     try:
-        with training_threads(adapter, cfg.trainer, cfg.method.batch_size, s.device, in_loop):
+        with training_threads(adapter, cfg.trainer, cfg.method.batch_size, s.device,
+                              data.mode != "prepared"):
             res = fit_and_test(module, loaders, cfg.trainer, run_dir, logger, s.device,
                                grad_clip=cfg.method.grad_clip, seed=cfg.seed)
         save_lambda(adapter, s.backbone.layout, run_dir / LAMBDA_FILE, method)
@@ -115,22 +111,3 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) 
         return rec
     finally:
         finish_logger(logger, code)
-
-
-def training_data(cfg, adapter, splits: dict, enc: dict, device: str) -> tuple[dict, bool]:
-    """``({split: dataset}, prepare_on_the_fly)``: images (finetune, ``method.cache=false``); the
-    cache prepared once and kept on the training device when it fits there (no per-step
-    host→device copies); otherwise the stored rows streamed in batches (from memmaps when over
-    ``cache.memory_budget_gb``) and prepared per batch."""
-    if cfg.method.name == "finetune" or not cfg.method.cache:
-        return {name: ImageItems(splits[name]) for name in splits}, True
-    need = sum(prepared_bytes(adapter, e, torch.float32) for e in enc.values())
-    if device.startswith("cuda"):
-        budget = torch.cuda.mem_get_info(torch.device(device))[0] * 0.5
-    else:
-        budget = cfg.cache.memory_budget_gb * 2**30
-    if any(e.streamed for e in enc.values()) or need > budget:
-        log.info("prepared training data would take %.2f GiB > %.2f GiB available: streaming and preparing "
-                 "per batch", need / 2**30, budget / 2**30)
-        return {name: StreamedEncoded(e, torch.float32, device) for name, e in enc.items()}, True
-    return {name: prepare_encoded(adapter, e, torch.float32, device=device) for name, e in enc.items()}, False

@@ -2,8 +2,8 @@
 
 :class:`LambdaMonitor` logs, once at the start of training and after every validation epoch
 (when the schedule-free optimizer holds the averaged weights that were validated and get
-checkpointed), the λ of spectral adapters (``adapter.lambdas()`` → ``[S, K]``, only the
-trained entries under ``adapter.mask``) or of head scalings (``adapter.lam`` → ``[S]``):
+checkpointed), the trained λ of the adapter (:meth:`~residual_exp.methods.base.Adapter.lambda_values`;
+none for methods without λ):
 
 * summary scalars ``lambda/mean``, ``lambda/std``, ``lambda/min``, ``lambda/max``,
   ``lambda/abs_mean`` and ``lambda/frac_negative`` to every logger (CSV included);
@@ -22,19 +22,7 @@ log = logging.getLogger(__name__)
 
 def trained_lambdas(adapter) -> torch.Tensor | None:
     """The trained λ of ``adapter`` as a flat float tensor, or None if it has none."""
-    if adapter is None:
-        return None
-    with torch.no_grad():
-        if hasattr(adapter, "lambdas"):
-            lam = adapter.lambdas().detach()                                  # [S, K]
-            mask = getattr(adapter, "mask", None)
-            if mask is not None and mask.shape == lam.shape:
-                lam = lam[mask.bool()]
-            return lam.flatten().float().cpu()
-        lam = getattr(adapter, "lam", None)
-        if isinstance(lam, torch.Tensor):
-            return lam.detach().flatten().float().cpu()                       # [S]
-    return None
+    return None if adapter is None else adapter.lambda_values()
 
 
 def lambda_stats(lam: torch.Tensor) -> dict[str, float]:
@@ -50,11 +38,7 @@ class LambdaMonitor(pl.Callback):
         self.bins = bins
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        adapter = getattr(pl_module, "adapter", None)
-        if hasattr(adapter, "trainable_params"):
-            n = int(adapter.trainable_params())
-        else:
-            n = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        n = int(pl_module.adapter.trainable_params())
         for lg in trainer.loggers:
             try:
                 lg.log_hyperparams({"trainable_params": n})
@@ -70,7 +54,7 @@ class LambdaMonitor(pl.Callback):
         self._log(trainer, pl_module, "epoch")
 
     def _log(self, trainer, pl_module, when: str) -> None:
-        lam = trained_lambdas(getattr(pl_module, "adapter", None))
+        lam = trained_lambdas(pl_module.adapter)
         if lam is None or lam.numel() == 0 or not trainer.loggers:
             return
         step = trainer.global_step

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
-from ..encode import storage_arrays
 
 
 class TrainingDiverged(RuntimeError):
@@ -22,17 +21,16 @@ class TrainingDiverged(RuntimeError):
 
 
 class AdapterModule(pl.LightningModule):
-    def __init__(self, adapter, head, lr: float, weight_decay: float = 0.0,
-                 prepare_on_the_fly: bool = False, backbone=None, layout: str = "lowrank") -> None:
+    """``head(adapter(**feed(batch)))`` with cross-entropy; ``feed`` is the job's
+    :class:`~residual_exp.train.data.Feed` (default: batches already hold the adapter's inputs)."""
+
+    def __init__(self, adapter, head, lr: float, weight_decay: float = 0.0, feed=None) -> None:
         super().__init__()
         self.adapter = adapter
-        self.layout = layout              # what the live backbone output is read as (cache.layout)
-        # frozen backbone for the backbone-in-the-loop mode; kept out of the state dict
-        self._backbone = (backbone,)
+        self.feed = feed                  # a plain object (train/data.py Feed): not in the state dict
         self.head = head
         self.lr = lr                      # attribute name read by Lightning's LR finder
         self.weight_decay = weight_decay
-        self.prepare_on_the_fly = prepare_on_the_fly
         nc = head.num_classes
         # micro-averaged top-1 (torchmetrics defaults to macro for multiclass)
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(nc, average="micro")
@@ -41,17 +39,7 @@ class AdapterModule(pl.LightningModule):
 
     # --- forward ------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "label"}
-        if self.prepare_on_the_fly:
-            if self.adapter.needs == "images":
-                inputs = {"images": inputs["images"]}
-            else:
-                with torch.no_grad():  # prepare() holds no trainable parameter
-                    if "images" in inputs:   # backbone in the loop: decompose live, then prepare
-                        bb = self._backbone[0]
-                        images = inputs["images"].to(next(bb.parameters()).dtype)
-                        inputs = storage_arrays(bb, images, self.layout)
-                    inputs = self.adapter.prepare(inputs)   # (streamed cache: stored rows, prepared per batch)
+        inputs = self.feed(batch) if self.feed is not None else {k: v for k, v in batch.items() if k != "label"}
         return self.head(self.adapter(**inputs))
 
     def _step(self, batch: dict, metric) -> torch.Tensor:

@@ -56,7 +56,23 @@ def test_multirun_over_methods(tmp_path):
     assert methods == {"base", "residual_coarse"}
 
 
-def test_help_lists_the_config_groups(tmp_path):
+def test_help_is_generated_from_the_catalog(tmp_path):
+    """--help: a usage line, every task with its line, every group with its options (no schema
+    nodes), the paper presets summarised, examples — read from the catalog, never stale."""
+    from residual_exp.catalog import options, spec
+    from residual_exp.config import TASKS
     out = _cli(["--help"], tmp_path).stdout
-    for group in ("model", "dataset", "method", "pca", "trainer", "logger", "task"):
-        assert f"{group}:" in out
+    assert out.startswith("usage: python -m residual_exp")
+    assert "_schema" not in out and "powered by Hydra" not in out
+    for name, schema in TASKS.items():
+        assert f"  {name} " in out and schema.__doc__.split()[0] in out
+    for group in ("model", "dataset", "method", "pca", "trainer", "logger", "analysis", "hydra/launcher"):
+        assert f"  {group}:" in out
+        for name in options(group):
+            assert name in out
+    flat = " ".join(out.split())
+    for name in options("method"):
+        assert spec("method", name).description in flat
+    n_paper = len(options("experiment/paper"))
+    assert f"= {n_paper} presets" in out and "paper/<model>_<dataset>" in out
+    assert "examples:" in out and "python -m residual_exp -m " in out

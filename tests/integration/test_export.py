@@ -45,6 +45,7 @@ def reference_module(cfg, run_dir: Path, dtype=torch.float32):
     from residual_exp.data.registry import build_split
     from residual_exp.methods import build_adapter, needs_bases
     from residual_exp.pipeline import Session
+    from residual_exp.train.data import Feed
     from residual_exp.train.module import AdapterModule
     s = Session.open(cfg, progress=False)
     s.backbone.to(dtype)                        # before the readout maps are taken from it (held outside submodules)
@@ -53,8 +54,7 @@ def reference_module(cfg, run_dir: Path, dtype=torch.float32):
     ub, ob = s.reference_bases() if needs_bases(cfg.method) else (None, None)
     adapter = build_adapter(cfg.method, s.source, s.backbone.output_dim, ub, ob, backbone=s.backbone, seed=cfg.seed,
                             evr_rule=cfg.conventions.evr_rule, compat=cfg.compat)
-    module = AdapterModule(adapter, head, cfg.method.lr, prepare_on_the_fly=True, backbone=s.backbone,
-                           layout=s.layout)
+    module = AdapterModule(adapter, head, cfg.method.lr, feed=Feed.from_images(adapter, s.backbone, s.layout))
     if cfg.method.name != "base":
         state = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
@@ -119,14 +119,13 @@ def test_every_method_exports_the_training_time_logits_in_a_fresh_process(traine
 
 @pytest.mark.parametrize("method", ["residual_fine", "residual_full", "residual_coarse"])
 def test_fold_is_exact_in_float64(trained, method):
-    from residual_exp.export import AdaptedModel, fold
+    from residual_exp.export import AdaptedModel
     tmp, runs, _ = trained
     cfg, run_dir = runs[method]
     module, split = reference_module(cfg, run_dir, torch.float64)
     state = {k[len("adapter."):]: v.double() for k, v in module.state_dict().items() if k.startswith("adapter.")}
-    bb = module._backbone[0]                                  # the frozen backbone, in float64
-    folded = fold(method, state, bb.readout(), cfg.cache.layout, cfg.method.others, float(cfg.method.dropped_value),
-                  False)
+    bb = module.feed.backbone                                 # the frozen backbone, in float64
+    folded = type(module.adapter).fold(state, bb.readout(), cfg.method, cfg.cache.layout, "none")
     head = module.head
     model = AdaptedModel(bb, folded, head.weight.double(), head.scale, False, split.classnames, {}).eval()
     images = torch.stack([split[i][0] for i in range(len(split))]).double()

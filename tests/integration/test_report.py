@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from residual_exp.methods import METHODS
+from residual_exp.catalog import method_order
+
+METHODS = method_order()
 from residual_exp.results import RESULT_KEYS
 from residual_exp.run import run
 from tests.conftest import compose_cfg

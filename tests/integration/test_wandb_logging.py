@@ -8,24 +8,23 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from residual_exp.methods import LinearAdapter
+from residual_exp.methods.base import Adapter
 from residual_exp.run import run
 from residual_exp.train.callbacks import LambdaMonitor, trained_lambdas
 from tests.conftest import compose_cfg
 from tests.integration.sweep_helpers import TINY, cli, cli_env
 
 
-class _Spectral(torch.nn.Module):
+class _Spectral(Adapter):
+    """An adapter whose trained λ are [1, -2, 3] (the protocol: lambda_values, trainable_params)."""
+
     def __init__(self):
         super().__init__()
         self.lam = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
-        self.register_buffer("mask", torch.tensor([[True, True], [True, False]]))
 
-    def lambdas(self):
-        full = torch.zeros(self.mask.shape)
-        return full.masked_scatter(self.mask, self.lam)
-
-    def trainable_params(self):
-        return 3
+    def lambda_values(self):
+        return self.lam.detach()
 
 
 class _Logger:
@@ -47,11 +46,8 @@ class _Trainer:
 def test_lambda_monitor_logs_trained_lambdas_and_parameter_count():
     module = torch.nn.Module()
     module.adapter = _Spectral()
-    assert trained_lambdas(module.adapter).tolist() == [1.0, -2.0, 3.0]      # masked entries only
-    coarse = torch.nn.Module()
-    coarse.lam = torch.nn.Parameter(torch.ones(4))
-    assert trained_lambdas(coarse).tolist() == [1.0] * 4
-    assert trained_lambdas(torch.nn.Linear(2, 2)) is None                    # e.g. linear_adapter
+    assert trained_lambdas(module.adapter).tolist() == [1.0, -2.0, 3.0]
+    assert trained_lambdas(LinearAdapter(2)) is None                            # no λ to log
 
     logger = _Logger()
     cb, trainer = LambdaMonitor(), _Trainer(logger)

@@ -4,13 +4,12 @@ from __future__ import annotations
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from residual_exp.analysis.config import ANALYSES, SCHEMAS
+from residual_exp.analysis.config import ANALYSES
 from tests.conftest import CONF, compose_cfg
 
 
 def test_the_group_holds_the_four_analyses() -> None:
     assert sorted(p.stem for p in (CONF / "analysis").glob("*.yaml")) == sorted(ANALYSES)
-    assert sorted(SCHEMAS) == sorted(f"{a}_schema" for a in ANALYSES)
 
 
 @pytest.mark.parametrize("name", ANALYSES)

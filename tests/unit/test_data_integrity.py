@@ -397,8 +397,9 @@ def test_broken_dataset_module_is_not_hidden():
     vanish as "unknown dataset")."""
     import subprocess
     code = ("import sys; sys.modules['torchvision.datasets'] = None\n"
-            "from residual_exp.data.registry import get_entry\n"
-            "get_entry('cifar10')")
+            "from omegaconf import OmegaConf\n"
+            "from residual_exp.data.registry import builder_of\n"
+            "builder_of(OmegaConf.create({'name': 'cifar10'}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "torchvision.datasets" in proc.stderr and "unknown dataset" not in proc.stderr

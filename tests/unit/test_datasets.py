@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms import ToTensor
 
+from residual_exp.catalog import Split, options, spec
 from residual_exp.config import DatasetConfig
 from residual_exp.data import metadata, registry, vision
 from residual_exp.data.errors import BadImageError
@@ -278,7 +279,7 @@ def test_dataset_loads_from_fixture(name, tmp_path, no_md5):
     per_class, n_test, labels, expected_names = WRITERS[name](tmp_path)
     classes = set(labels)
     c = cfg(name, tmp_path)
-    parts = {s: registry.build_split(c, s, ToTensor()) for s in registry.SPLITS}
+    parts = {s: registry.build_split(c, s, ToTensor()) for s in list(Split)}
 
     train, val, test, ref = (parts[s] for s in ("train", "val", "test", "reference"))
     assert ref.targets == train.targets and ref.indices == train.indices
@@ -382,13 +383,13 @@ def test_changed_data_is_detected(tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_dataset_yaml_matches_schema_and_registry(name):
     node = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF / f"{name}.yaml"))
-    assert node.name == name and name in registry.list_datasets()
+    assert node.name == name and name in options("dataset")
     assert OmegaConf.to_container(node)["root"] == "${paths.data_dir}"
     assert node.download is False
 
 
 def test_metadata_sources_and_templates():
-    assert set(metadata.SOURCES) == set(NAMES)
+    assert all(spec("dataset", n).classnames and spec("dataset", n).templates for n in NAMES)   # sources cited
     for name in NAMES:
         assert all(t.count("{}") == 1 for t in metadata.TEMPLATES[name]), name
     assert metadata.TEMPLATES["gtsrb"][0] == "a zoomed in photo of a {} traffic sign."     # official: no quotes
@@ -438,9 +439,9 @@ def test_every_dataset_has_a_stable_fingerprint(name, tmp_path, no_md5):
 
     WRITERS[name](tmp_path)
     c = cfg(name, tmp_path)
-    fps = {s: registry.build_split(c, s).fingerprint() for s in registry.SPLITS}
+    fps = {s: registry.build_split(c, s).fingerprint() for s in list(Split)}
     vision.clear_cache()
-    again = {s: registry.build_split(c, s).fingerprint() for s in registry.SPLITS}
+    again = {s: registry.build_split(c, s).fingerprint() for s in list(Split)}
     assert fps == again and json.loads(json.dumps(fps)) == fps
     assert fps["reference"] == fps["train"]
     assert len({fps[s]["sha256"] for s in ("train", "val", "test")}) == 3

@@ -10,7 +10,7 @@ from residual_exp.classifiers import ClassifierHead
 from residual_exp.data.registry import build_split
 from residual_exp.encode import dataset_identity, encode_split, fit_bases, model_identity
 from residual_exp.methods import build_adapter
-from residual_exp.train.data import ImageItems, StreamedEncoded, batches, prepare_encoded
+from residual_exp.train.data import Feed, ImageItems, StreamedEncoded, batches, prepare_encoded
 from residual_exp.train.module import AdapterModule
 
 MODEL = OmegaConf.create(dict(name="tiny_clip", family="tiny_clip", arch="tiny-clip", pretrained=None, weights=None, image_size=None, precision="auto",
@@ -45,8 +45,8 @@ def test_cached_and_backbone_in_the_loop_give_the_same_logits(setup, method, uni
     adapter = build_adapter(mcfg, enc.source, bb.output_dim, ub, ob, seed=0).double()
     head = ClassifierHead(torch.randn(8, bb.output_dim, dtype=torch.float64), 50.0)
     cached = AdapterModule(adapter, head, 0.1)
-    live = AdapterModule(adapter, head, 0.1, prepare_on_the_fly=True, backbone=bb)
-    streamed = AdapterModule(adapter, head, 0.1, prepare_on_the_fly=True)
+    live = AdapterModule(adapter, head, 0.1, feed=Feed.from_images(adapter, bb))
+    streamed = AdapterModule(adapter, head, 0.1, feed=Feed("streamed", adapter))
     with torch.no_grad():
         a = torch.cat([cached(b) for b in batches(prepare_encoded(adapter, enc, torch.float64), 16, False)])
         b = torch.cat([live(x) for x in batches(ImageItems(split), 16, False)])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from residual_exp.catalog import spec
+
 from residual_exp.data import metadata
 
 TEN = ["cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45",
@@ -72,7 +74,7 @@ SPOTS = {
 
 def test_registry_covers_every_dataset():
     assert set(metadata.CLASSNAMES) == set(WITH_NAMES)
-    assert set(metadata.TEMPLATES) == set(metadata.SOURCES) == set(WITH_NAMES) | {"image_folder"}
+    assert set(metadata.TEMPLATES) == set(WITH_NAMES) | {"image_folder"}
 
 
 @pytest.mark.parametrize("name", WITH_NAMES)
@@ -165,5 +167,5 @@ def test_folder_lists_give_the_official_names():
 def test_sources_name_the_official_registry():
     for name in TEN:
         for field in ("classnames", "templates"):
-            assert metadata.OFFICIAL in metadata.SOURCES[name][field], (name, field)
+            assert metadata.OFFICIAL in spec("dataset", name)[field], (name, field)
     assert metadata.OFFICIAL == "official ResiDual registry (data_registry.py)"

@@ -156,3 +156,20 @@ def test_planted_signal_lambda_learns_the_informative_pc():
         acc = (head(ad(**prep)).argmax(-1) == labels).double().mean()
     assert losses[-1] < 0.5 * losses[0]
     assert acc > zs + 0.05 and acc > 0.98, (float(zs), float(acc))
+
+
+def test_the_protocol_reports_what_each_adapter_trained(data):
+    """λ file contents and logged λ come from the adapter itself (no name checks, no attribute probing)."""
+    units, feature = data
+    ub, ob = _bases(units, feature)
+    fine = build_adapter(_method("residual_fine", evr=0.9), SRC, D, ub, ob)
+    tensors, names = fine.lambda_state(LAYOUT)
+    assert names == [LAYOUT.names[i] for i in LAYOUT.indices("heads")]
+    assert torch.equal(tensors["lambda"][tensors["mask"]], fine.lam.detach())     # pruned entries hold 0
+    assert torch.equal(fine.lambda_values(), fine.lam.detach().float())
+    coarse = build_adapter(_method("residual_coarse"), SRC, D, ub, ob)
+    assert coarse.lambda_state(LAYOUT)[0]["lambda"].shape == (L * H,) and coarse.lambda_values().shape == (L * H,)
+    linear = build_adapter(_method("linear_adapter", init="identity"), SRC, D, ub, ob)
+    assert linear.lambda_values() is None and set(linear.lambda_state(LAYOUT)[0]) == {"linear.weight", "linear.bias"}
+    base = build_adapter(_method("base"), SRC, D, ub, ob)
+    assert base.lambda_values() is None and base.lambda_state(LAYOUT) == ({}, [])

@@ -3,23 +3,24 @@ from __future__ import annotations
 
 import csv
 
+from residual_exp.catalog import spec
 from residual_exp.plan import bytes_per_image, split_sizes
 from residual_exp.run import run
 from tests.conftest import compose_cfg
 
 
 def test_bytes_per_image_of_clip_l():
-    low = bytes_per_image("clip_l", "lowrank", "float16")
+    low = bytes_per_image(spec("model", "clip_l"), "lowrank", "float16")
     assert low == 2 * (24 * 16 * 64 + 25 * 768 + 768) + 4 * 27 + 8 == 89_204       # ≤ 92 KB
     today = (411 + 1) * 768 * 4 + 8                                                  # [N, U, D] + feature, fp32
     assert today / low > 14
 
 
 def test_split_sizes_follow_the_protocol():
-    assert split_sizes("cifar100") == {"train": 45_000, "val": 5_000, "test": 10_000, "reference": 45_000}
-    assert split_sizes("sun397")["val"] == round(0.1 * 108_754)
-    assert split_sizes("resisc45") == {"train": 18_900, "val": 6_300, "test": 6_300, "reference": 18_900}
-    assert split_sizes("imagenet")["train"] == 1_281_167 - round(0.2 * 1_281_167)
+    assert split_sizes(spec("dataset", "cifar100")) == {"train": 45_000, "val": 5_000, "test": 10_000, "reference": 45_000}
+    assert split_sizes(spec("dataset", "sun397"))["val"] == round(0.1 * 108_754)
+    assert split_sizes(spec("dataset", "resisc45")) == {"train": 18_900, "val": 6_300, "test": 6_300, "reference": 18_900}
+    assert split_sizes(spec("dataset", "imagenet"))["train"] == 1_281_167 - round(0.2 * 1_281_167)
 
 
 def test_plan_of_a_grid(tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from residual_exp.catalog import Split, options
 from residual_exp.data import registry
 from residual_exp.data import shapes
 from residual_exp.data.shapes import ATTRIBUTES, COLOR_RGB, TEMPLATES, ShapesCaptions, generate
@@ -57,7 +58,7 @@ def test_deterministic_and_prefix_stable():
 
 
 def test_splits_and_seeds_differ():
-    streams = {s: generate(256, seed=0, split=s)[0] for s in registry.SPLITS}
+    streams = {s: generate(256, seed=0, split=s)[0] for s in list(Split)}
     streams["seed1"] = generate(256, seed=1, split="train")[0]
     # no image of one stream equals any image of another (or of the same stream)
     digests = {img.tobytes() for imgs in streams.values() for img in imgs}
@@ -211,7 +212,7 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def test_registry_builds_all_splits():
-    names = registry.list_datasets()
+    names = options("dataset")
     for a in ATTRIBUTES:
         assert f"shapes_{a}" in names
     cfg = _cfg("shapes_color")

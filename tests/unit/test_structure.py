@@ -85,3 +85,25 @@ def test_no_module_reads_a_yaml_file_itself():
 def test_the_analysis_task_is_glue():
     lines = (PKG / "tasks" / "analysis.py").read_text().splitlines()
     assert len(lines) <= 250, len(lines)
+
+
+def _literal_string_sets(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2 and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+            yield frozenset(e.value for e in node.elts), node.lineno
+
+
+def test_no_module_spells_an_allowed_value_list_of_the_catalog():
+    """Every closed set of values lives in residual_exp.catalog; a literal tuple / list / set elsewhere
+    that equals one of them (e.g. ("drop", "mean", "add")) is a second copy of that fact."""
+    from enum import Enum
+
+    from residual_exp.catalog import values
+    sets = {frozenset(m.value for m in e): e.__name__ for e in vars(values).values()
+            if isinstance(e, type) and issubclass(e, Enum) and e is not Enum}
+    sets.update({frozenset(v): k for k, v in vars(values).items() if isinstance(v, tuple) and len(v) > 1
+                 and all(isinstance(x, str) for x in v)})
+    copies = [f"{f.relative_to(PKG)}:{line} spells {sets[vals]}" for f in PKG.rglob("*.py") if "catalog" not in f.parts
+              for vals, line in _literal_string_sets(ast.parse(f.read_text(encoding="utf-8"))) if vals in sets]
+    assert copies == [], copies

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from residual_exp.backbones import build_backbone  # noqa: E402
+from residual_exp.backbones.tiny_clip import ARCH as TINY  # noqa: E402
 from residual_exp.decompose.readout import DenseSource  # noqa: E402
 from residual_exp.encode import Encoded, _np_dtype, source_for, storage_arrays  # noqa: E402
 from residual_exp.methods import build_adapter  # noqa: E402
@@ -35,11 +36,9 @@ from residual_exp.spectral import GroupPCA, StreamingPCA  # noqa: E402
 from residual_exp.tables import text_table  # noqa: E402
 from residual_exp.train.data import prepare_encoded  # noqa: E402
 
-TINY = "tiny-clip"        # the embedded tiny CLIP's architecture (random weights): the --smoke runs
-
-
 def backbone_cfg(arch: str, image_size: int | None = None):
-    """A random-weight model config for ``arch`` (an open_clip architecture or :data:`TINY`)."""
+    """A random-weight model config for ``arch``: an open_clip architecture, or ``TINY`` (the
+    embedded tiny CLIP's architecture, what --smoke runs)."""
     return OmegaConf.create(dict(name=arch, family="tiny_clip" if arch == TINY else "open_clip", arch=arch,
                                  pretrained=None, weights=None, image_size=image_size, precision="fp32",
                                  logit_scale=100.0, cache_dir=None, params={"quick_gelu": False}))

@@ -44,11 +44,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from residual_exp.backbones.open_clip_backbone import OpenClipBackbone, create_open_clip  # noqa: E402
-from residual_exp.backbones.tiny_clip import create_tiny_clip  # noqa: E402
+from residual_exp.backbones.tiny_clip import ARCH as TINY_ARCH, create_tiny_clip  # noqa: E402
 from residual_exp.decompose.hooks import count_hooks  # noqa: E402
 
 MODELS = [("ViT-B/16", "ViT-B-16"), ("ViT-L/14", "ViT-L-14")]
-TINY = ("tiny CLIP", "tiny-clip")        # --smoke: the embedded tiny CLIP's architecture, random weights
+TINY = ("tiny CLIP", TINY_ARCH)          # --smoke: the embedded tiny CLIP's architecture, random weights
 
 
 def backbone(name: str, arch: str) -> OpenClipBackbone:

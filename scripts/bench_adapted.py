@@ -9,7 +9,8 @@ see the same machine state.  Goal: ratio ≤ 1.05 (the fold replaces the readout
 matrix products; the ``[B, U, D]`` unit stack is never built).
 
     python scripts/bench_adapted.py                  # ViT-B-16 and ViT-L-14, batch 8
-    python scripts/bench_adapted.py --quick          # a small ViT for a smoke run
+    python scripts/bench_adapted.py --quick          # ViT-B/32 at 64 px, 3 repetitions
+    python scripts/bench_adapted.py --smoke          # the tiny CLIP (checks the script runs)
 """
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cache import fit, method_cfg, tiled  # noqa: E402
+from bench_cache import TINY, backbone_cfg, fit, method_cfg, tiled  # noqa: E402
 
 from residual_exp.backbones import build_backbone  # noqa: E402
 from residual_exp.encode import Encoded, source_for, storage_arrays  # noqa: E402
@@ -35,10 +35,7 @@ from residual_exp.tables import text_table  # noqa: E402
 
 
 def backbone(arch: str, image_size: int | None):
-    cfg = OmegaConf.create(dict(name=arch, family="open_clip", arch=arch, pretrained=None, weights=None,
-                                image_size=image_size, precision="fp32", logit_scale=100.0, cache_dir=None,
-                                params={"quick_gelu": False}))
-    return build_backbone(cfg).eval()
+    return build_backbone(backbone_cfg(arch, image_size)).eval()
 
 
 def adapted(bb, method: str, enc: Encoded) -> AdaptedModel:
@@ -74,11 +71,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--images", type=int, default=8, help="images encoded to fit the bases")
-    ap.add_argument("--quick", action="store_true", help="ViT-B-32 at 64 px, 3 repetitions (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="ViT-B-32 at 64 px, 3 repetitions")
+    ap.add_argument("--smoke", action="store_true", help="the tiny CLIP, 2 repetitions (checks the script runs)")
     args = ap.parse_args()
     size = None
     if args.quick:
         args.archs, args.reps, args.batch, args.images, size = ["ViT-B-32"], 3, 4, 4, 64
+    if args.smoke:
+        args.archs, args.reps, args.batch, args.images = [TINY], 2, 4, 4
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     rows = []

@@ -2,6 +2,7 @@
 
     python scripts/bench_cache.py                       # ViT-B/16 and ViT-L/14 sizes, random weights, CPU
     python scripts/bench_cache.py --archs ViT-B-16 --images 16 --steps 100
+    python scripts/bench_cache.py --smoke              # the tiny CLIP, tiny sizes (checks the script runs)
 
 *before*: every unit stored in the output space (``[N, U, D]``, float32, the layout this project
 used until now) and bases with D components per unit (residual_full trained D λ per head);
@@ -27,12 +28,20 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from residual_exp.backbones import build_backbone  # noqa: E402
+from residual_exp.backbones.tiny_clip import ARCH as TINY  # noqa: E402
 from residual_exp.decompose.readout import DenseSource  # noqa: E402
 from residual_exp.encode import Encoded, _np_dtype, source_for, storage_arrays  # noqa: E402
 from residual_exp.methods import build_adapter  # noqa: E402
 from residual_exp.spectral import GroupPCA, StreamingPCA  # noqa: E402
 from residual_exp.tables import text_table  # noqa: E402
 from residual_exp.train.data import prepare_encoded  # noqa: E402
+
+def backbone_cfg(arch: str, image_size: int | None = None):
+    """A random-weight model config for ``arch``: an open_clip architecture, or ``TINY`` (the
+    embedded tiny CLIP's architecture, what --smoke runs)."""
+    return OmegaConf.create(dict(name=arch, family="tiny_clip" if arch == TINY else "open_clip", arch=arch,
+                                 pretrained=None, weights=None, image_size=image_size, precision="fp32",
+                                 logit_scale=100.0, cache_dir=None, params={"quick_gelu": False}))
 
 
 def method_cfg(name: str):
@@ -88,14 +97,14 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16, help="images actually encoded per architecture")
     ap.add_argument("--samples", type=int, default=4096, help="training samples (tiled encodings)")
     ap.add_argument("--steps", type=int, default=60, help="timed training steps per method and layout")
+    ap.add_argument("--smoke", action="store_true", help="the tiny CLIP, 4 images, 256 samples, 3 steps")
     args = ap.parse_args()
+    if args.smoke:
+        args.archs, args.images, args.samples, args.steps = [TINY], 4, 256, 3
     torch.manual_seed(0)
     rows = []
     for arch in args.archs:
-        cfg = OmegaConf.create(dict(name=arch, family="open_clip", arch=arch, pretrained=None, weights=None,
-                                    image_size=None, precision="fp32", logit_scale=100.0, cache_dir=None,
-                                    params={"quick_gelu": False}))
-        bb = build_backbone(cfg).eval()
+        bb = build_backbone(backbone_cfg(arch)).eval()
         x = torch.randn(args.images, 3, bb.image_size, bb.image_size)
         t = time.perf_counter()
         with torch.no_grad():

@@ -3,6 +3,7 @@
 For open_clip ViT-B/16 and ViT-L/14 with random weights (no download), on CPU or CUDA::
 
     .venv/bin/python scripts/bench_decompose.py --batch-b 8 --batch-l 4 --repeats 3
+    .venv/bin/python scripts/bench_decompose.py --smoke     # the tiny CLIP, batch 2 (checks the script runs)
 
 Time: one warm-up call of each, then ``--repeats`` interleaved plain/decomposed calls
 (``torch.no_grad``); the table shows medians.  "decomposed" is ``backbone.decompose`` (the
@@ -43,9 +44,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from residual_exp.backbones.open_clip_backbone import OpenClipBackbone, create_open_clip  # noqa: E402
+from residual_exp.backbones.tiny_clip import ARCH as TINY_ARCH, create_tiny_clip  # noqa: E402
 from residual_exp.decompose.hooks import count_hooks  # noqa: E402
 
 MODELS = [("ViT-B/16", "ViT-B-16"), ("ViT-L/14", "ViT-L-14")]
+TINY = ("tiny CLIP", TINY_ARCH)          # --smoke: the embedded tiny CLIP's architecture, random weights
+
+
+def backbone(name: str, arch: str) -> OpenClipBackbone:
+    """Random weights (seeded) of an open_clip architecture or of the tiny CLIP."""
+    torch.manual_seed(0)
+    if arch == TINY[1]:
+        model, transform, tok = create_tiny_clip(None)
+        return OpenClipBackbone(name, model, transform, tok, int(model.visual.image_size[0]))
+    model, transform, tok = create_open_clip(arch, None, None, None, None)
+    return OpenClipBackbone(name, model, transform, tok, 224)
 
 
 # --- memory probes ----------------------------------------------------------------------
@@ -104,9 +117,7 @@ def cpu_memory(arch: str, batch: int) -> dict[str, float | None]:
 
 def _mem_probe(arch: str, batch: int) -> None:
     """Child: warm up both forwards, then one measured call of each; prints JSON bytes."""
-    torch.manual_seed(0)
-    model, transform, tok = create_open_clip(arch, None, None, None, None)
-    bb = OpenClipBackbone(arch, model, transform, tok, 224).eval()
+    bb = backbone(arch, arch).eval()
     x = torch.randn(batch, 3, bb.image_size, bb.image_size)
     res = {}
     with torch.no_grad():
@@ -128,9 +139,7 @@ def decompose_mixed(bb: OpenClipBackbone, images: torch.Tensor):
 
 
 def bench(name: str, arch: str, batch: int, repeats: int, device: torch.device, mixed: bool) -> dict:
-    torch.manual_seed(0)
-    model, transform, tok = create_open_clip(arch, None, None, None, None)
-    bb = OpenClipBackbone(name, model, transform, tok, 224).to(device).eval()
+    bb = backbone(name, arch).to(device).eval()
     x = torch.randn(batch, 3, bb.image_size, bb.image_size, device=device)
     def plain():
         with torch.autocast(device.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext():
@@ -157,7 +166,7 @@ def bench(name: str, arch: str, batch: int, repeats: int, device: torch.device, 
     if device.type == "cuda":
         m_p, m_d = statistics.median(mems["plain"]), statistics.median(mems["dec"])
     else:
-        del bb, model, x, units, feature                                  # free RAM for the child
+        del bb, x, units, feature                                         # free RAM for the child
         probe = cpu_memory(arch, batch)
         m_p, m_d = probe["plain"], probe["dec"]
     return dict(model=name, precision="bf16+fp32 units" if mixed else "fp32", batch=batch, units=n_units,
@@ -176,7 +185,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--models", default="B,L", help="which of B (ViT-B/16), L (ViT-L/14) to run")
+    ap.add_argument("--smoke", action="store_true", help="the tiny CLIP only, batch 2, 1 repeat")
     args = ap.parse_args(argv)
+    runs = [(name, arch, args.batch_b if tag == "B" else args.batch_l)
+            for tag, (name, arch) in zip("BL", MODELS) if tag in args.models.split(",")]
+    if args.smoke:
+        runs, args.repeats, args.device = [(*TINY, 2)], 1, "cpu"
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                        else ("cpu" if args.device == "auto" else args.device))
     mem_what = ("peak allocated (torch.cuda)" if dev.type == "cuda"
@@ -185,10 +199,7 @@ def main(argv=None) -> int:
                              else f", {torch.get_num_threads()} threads, {os.cpu_count()} cores")
           + f"; torch {torch.__version__}; memory = {mem_what}; times are medians of {args.repeats}")
     rows = []
-    for tag, (name, arch) in zip("BL", MODELS):
-        if tag not in args.models.split(","):
-            continue
-        batch = args.batch_b if tag == "B" else args.batch_l
+    for name, arch, batch in runs:
         rows.append(bench(name, arch, batch, args.repeats, dev, mixed=False))
         if dev.type == "cuda":
             rows.append(bench(name, arch, batch, args.repeats, dev, mixed=True))

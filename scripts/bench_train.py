@@ -13,20 +13,27 @@ and extrapolates the training part linearly to ``--epochs``; the table says when
 
     python scripts/bench_train.py                          # tiny CLIP + random ViT-B/16
     python scripts/bench_train.py --models vit_b16 --loop-epochs 2
+    python scripts/bench_train.py --smoke                  # tiny sizes on the CPU (checks the script runs)
+
+A child that fails (an exception, or killed) fails the script at once with its error.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import resource
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # this checkout's package (children too)
 
 MODELS = {
     "tiny_clip": dict(name="tiny_clip", family="tiny_clip", arch="tiny-clip", pretrained="embedded"),
@@ -48,12 +55,12 @@ def _cfgs(model: str, n_train: int, n_eval: int, n_ref: int, epochs: int, batch:
     return model_cfg, data_cfg, trainer_cfg, method_cfg
 
 
-def _one(mode: str, model: str, args, queue) -> None:
+def _one(mode: str, model: str, args) -> dict:
     from residual_exp.backbones import build_backbone
     from residual_exp.cache import Cache
     from residual_exp.classifiers import ClassifierHead, zero_shot_weights
     from residual_exp.data.registry import build_split
-    from residual_exp.encode import dataset_identity, encode_split, fit_bases, model_identity
+    from residual_exp.encode import dataset_identity, encode_split, fit_bases, model_identity, source_for
     from residual_exp.methods import build_adapter
     from residual_exp.runtime import quiet_libraries
     from residual_exp.train.data import ImageItems, batches, prepare_encoded
@@ -68,7 +75,7 @@ def _one(mode: str, model: str, args, queue) -> None:
     bb = build_backbone(mcfg).to(device).eval()
     for p in bb.parameters():
         p.requires_grad_(False)
-    ident = lambda s, ds: {"model": model_identity(mcfg, 0), "dataset": dataset_identity(dcfg, s, len(ds), bb.transform)}
+    ident = lambda s, ds: {"model": model_identity(mcfg, 0), "dataset": dataset_identity(dcfg, ds, bb.transform)}
     splits = {s: build_split(dcfg, s, bb.transform) for s in ("train", "val", "test", "reference")}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -81,7 +88,7 @@ def _one(mode: str, model: str, args, queue) -> None:
         head = ClassifierHead(zero_shot_weights(bb, splits["train"].classnames, splits["train"].templates,
                                                 device, progress=False).float(), bb.logit_scale)
         times["bases"] = time.perf_counter() - t
-        adapter = build_adapter(methcfg, bb.layout, bb.output_dim, ub, ob, seed=0).float()
+        adapter = build_adapter(methcfg, source_for(bb, "lowrank"), bb.output_dim, ub, ob, seed=0).float()
         t = time.perf_counter()
         if mode == "cached":
             enc = {s: encode_split(bb, splits[s], cache, ident(s, splits[s]), device, args.batch, progress=False)
@@ -99,18 +106,54 @@ def _one(mode: str, model: str, args, queue) -> None:
         times["train+test"] = time.perf_counter() - t
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    queue.put(dict(mode=mode, model=model, epochs_run=epochs, times=times, test_acc=res.test_accuracy,
-                   peak_mib=peak, device=device, memory="CUDA max allocated" if device == "cuda" else "peak RSS"))
+    return dict(mode=mode, model=model, epochs_run=epochs, times=times, test_acc=res.test_accuracy,
+                peak_mib=peak, device=device, memory="CUDA max allocated" if device == "cuda" else "peak RSS")
 
 
-def run_mode(mode: str, model: str, args) -> dict:
+class ChildFailed(RuntimeError):
+    """A measuring child process raised or died before it sent its figures."""
+
+
+def _child(target, mode: str, model: str, args, q) -> None:
+    """Runs in the child: ``("ok", figures)`` or ``("error", traceback)`` on the queue, never nothing."""
+    try:
+        q.put(("ok", target(mode, model, args)))
+    except BaseException:                                    # noqa: BLE001 - reported to the parent
+        q.put(("error", traceback.format_exc()))
+        q.close()
+        q.join_thread()
+        sys.exit(1)
+
+
+def run_mode(mode: str, model: str, args, target=_one, poll_s: float = 0.5) -> dict:
+    """``target(mode, model, args)`` in a fresh spawned process; its figures, or
+    :class:`ChildFailed` as soon as it raised or died (exit code and traceback in the message)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_one, args=(mode, model, args, q))
+    p = ctx.Process(target=_child, args=(target, mode, model, args, q))
     p.start()
-    out = q.get()
-    p.join()
-    return out
+    try:
+        while True:
+            try:
+                kind, payload = q.get(timeout=poll_s)
+                break
+            except queue.Empty:
+                if p.is_alive():
+                    continue
+                try:                                         # it may have put its answer just before exiting
+                    kind, payload = q.get(timeout=poll_s)
+                    break
+                except queue.Empty:
+                    raise ChildFailed(f"{mode}/{model}: the child process died (exit code {p.exitcode}) "
+                                      f"without sending its figures") from None
+    finally:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if kind == "error":
+        raise ChildFailed(f"{mode}/{model}: the child process failed:\n{payload.rstrip()}")
+    return payload
 
 
 def main(argv=None) -> int:
@@ -124,23 +167,44 @@ def main(argv=None) -> int:
     ap.add_argument("--n-ref", type=int, default=128, help="reference images for the PCA bases")
     ap.add_argument("--batch", type=int, default=32, help="encoding batch size")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny_clip, 2 epochs (1 in the loop), 32 / 16 / 32 images (checks the script runs)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.models, args.epochs, args.loop_epochs = ["tiny_clip"], 2, 1
+        args.n_train, args.n_eval, args.n_ref, args.batch = 32, 16, 32, 16
 
     rows = []
-    for model in args.models:
-        c = run_mode("cached", model, args)
-        l = run_mode("in_loop", model, args)
-        # extrapolate the in-loop training part to the full epoch count (linear in epochs)
-        scale = args.epochs / l["epochs_run"]
-        loop_total = l["times"]["bases"] + l["times"]["encode"] + l["times"]["train+test"] * scale
-        cached_total = sum(c["times"].values())
-        # bases are fitted once per (model, reference set) and shared by every method and dataset
-        cached_nb = c["times"]["encode"] + c["times"]["train+test"]
-        loop_nb = l["times"]["train+test"] * scale
-        rows.append(dict(model=model, cached_s=cached_total, in_loop_s=loop_total, speedup=loop_total / cached_total,
-                         speedup_excl_bases=loop_nb / cached_nb,
-                         cached_peak_mib=c["peak_mib"], in_loop_peak_mib=l["peak_mib"],
-                         extrapolated=l["epochs_run"] != args.epochs, cached=c, in_loop=l))
+    try:
+        for model in args.models:
+            rows.append(measure(model, args))
+    except ChildFailed as e:
+        print(f"bench_train: {e}", file=sys.stderr)
+        return 1
+    print_table(rows, args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def measure(model: str, args) -> dict:
+    """Both modes of ``model``, each in its own process, and their ratios."""
+    c = run_mode("cached", model, args)
+    l = run_mode("in_loop", model, args)
+    # extrapolate the in-loop training part to the full epoch count (linear in epochs)
+    scale = args.epochs / l["epochs_run"]
+    loop_total = l["times"]["bases"] + l["times"]["encode"] + l["times"]["train+test"] * scale
+    cached_total = sum(c["times"].values())
+    # bases are fitted once per (model, reference set) and shared by every method and dataset
+    cached_nb = c["times"]["encode"] + c["times"]["train+test"]
+    loop_nb = l["times"]["train+test"] * scale
+    return dict(model=model, cached_s=cached_total, in_loop_s=loop_total, speedup=loop_total / cached_total,
+                speedup_excl_bases=loop_nb / cached_nb,
+                cached_peak_mib=c["peak_mib"], in_loop_peak_mib=l["peak_mib"],
+                extrapolated=l["epochs_run"] != args.epochs, cached=c, in_loop=l)
+
+
+def print_table(rows: list[dict], args) -> None:
     print(f"\nResiDual (residual_full), {args.epochs} epochs, train {args.n_train} / val {args.n_eval} / "
           f"test {args.n_eval} / reference {args.n_ref} images, device {rows[0]['cached']['device']}")
     hdr = (f"{'model':10s} {'cached s':>9s} {'in-loop s':>10s} {'speed-up':>9s} {'excl. bases':>12s} "
@@ -152,11 +216,8 @@ def main(argv=None) -> int:
               f"{r['speedup_excl_bases']:11.1f}x "
               f"{r['cached_peak_mib']:16.0f} {r['in_loop_peak_mib']:14.0f}{note}")
         print(f"{'':10s} cached stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["cached"]["times"].items())
-              + f" | in-loop stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["in_loop"]["times"].items()))
+              + " | in-loop stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["in_loop"]["times"].items()))
     print(f"memory: {rows[0]['cached']['memory']} per mode (each in a fresh process)")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

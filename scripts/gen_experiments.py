@@ -1,7 +1,7 @@
 """Generate the paper's experiment presets under ``conf/experiment/`` (commit the output too).
 
     python scripts/gen_experiments.py            # (re)write the presets
-    python scripts/gen_experiments.py --check    # exit 1 if a committed preset is stale
+    python scripts/gen_experiments.py --check    # exit 1 if a committed preset is stale (also --smoke)
 
 Writes
 
@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "residual_exp" / "conf" / "experiment"
+sys.path.insert(0, str(ROOT))
+from residual_exp.tables import text_table  # noqa: E402
 
 MODELS = ("clip_b", "clip_l", "openclip_b", "openclip_l", "vit_l", "dinov2_l", "blip_l_flickr")
 DATASETS = ("cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "stanford_cars",
@@ -87,7 +89,7 @@ def presets() -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only check that the committed files are current")
+    ap.add_argument("--check", "--smoke", action="store_true", help="only check that the committed files are current")
     args = ap.parse_args()
     stale = []
     for rel, text in presets().items():
@@ -99,6 +101,10 @@ def main() -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
     if args.check:
+        groups = sorted({rel.split("/")[0] for rel in presets()})
+        print(text_table([{"presets": g, "files": sum(r.startswith(g + "/") for r in presets()),
+                           "stale": sum(r.startswith(g + "/") for r in stale)} for g in groups],
+                         ["presets", "files", "stale"], right_from=1))
         print("stale: " + ", ".join(stale) if stale else "all presets current")
         return 1 if stale else 0
     print(f"wrote {len(stale)} of {len(presets())} presets under {OUT.relative_to(ROOT)}")

@@ -272,6 +272,27 @@ def test_task_cache_list_flags_damage_and_prune_spares_running_builders(tmp_path
     assert live.exists()
 
 
+def test_cache_admin_verdicts_and_sizes(tmp_path):
+    """The library behind task=cache: a fine entry, a damaged one (moved aside, why kept), one
+    removed by another job between listing and locking (nothing checked), bytes on disk."""
+    from residual_exp.cache_admin import Verdict, disk_size, entries, verify_and_isolate
+    cache = Cache(tmp_path)
+    for a in (1, 2):
+        cache.get_or_build("encodings", {"a": a}, _arrays, _load_arrays)
+    fine, bad = (cache.path("encodings", {"a": a}) for a in (1, 2))
+    assert entries(tmp_path / "encodings") == sorted([fine, bad])
+    assert disk_size(fine) == sum(f.stat().st_size for f in fine.iterdir()) > 0
+    assert disk_size(tmp_path / "nothing") == 0
+    _flip(bad / "units.npy", 200)
+    assert verify_and_isolate(fine, "always") == Verdict()
+    v = verify_and_isolate(bad, "always")
+    assert not v.gone and "units.npy: checksum mismatch" in v.why and not bad.exists()
+    assert v.moved_to.parent == tmp_path / "encodings" / DAMAGED_DIR
+    assert (v.moved_to / "why.txt").read_text() == v.why + "\n"
+    assert verify_and_isolate(bad, "always") == Verdict(gone=True)
+    assert entries(tmp_path / "encodings") == [fine]
+
+
 def test_task_cache_through_the_cli_exit_codes(tmp_path):
     """The real ``python -m residual_exp task=cache``: config, validation, registry, exit code."""
     cache = Cache(tmp_path / "cache")

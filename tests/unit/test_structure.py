@@ -1,5 +1,5 @@
 """The package's shape: no import cycles (function-level imports included), no YAML read by
-hand (Hydra composes every config), thin task glue."""
+hand (Hydra composes every config), thin task glue (every task file ≤ 150 lines)."""
 from __future__ import annotations
 
 import ast
@@ -82,9 +82,32 @@ def test_no_module_reads_a_yaml_file_itself():
     assert offenders == [], offenders
 
 
-def test_the_analysis_task_is_glue():
-    lines = (PKG / "tasks" / "analysis.py").read_text().splitlines()
-    assert len(lines) <= 250, len(lines)
+TASK_LINES = 150                              # a task file is glue: config in, library calls, output
+TASK_LINES_EXCEPT = {"analysis.py": 250}      # the analyses' glue (one entry point per analysis)
+# Temporary: task files that still hold library code, and the issue that moves it out.  Drop an
+# entry when its file is within the limit (the test below says so).
+OVER_THE_LIMIT_UNTIL = {
+    "report.py": "issue 19 (the report logic moves to analysis/report.py)",
+    "check_decomposition.py": "issue 20 (the reference forwards move to decompose/references.py)",
+}
+
+
+def _task_lines() -> dict[str, int]:
+    return {f.name: len(f.read_text().splitlines()) for f in sorted((PKG / "tasks").glob("*.py"))}
+
+
+def test_every_task_file_is_glue():
+    over = {name: f"{n} lines > {TASK_LINES_EXCEPT.get(name, TASK_LINES)}" for name, n in _task_lines().items()
+            if name not in OVER_THE_LIMIT_UNTIL and n > TASK_LINES_EXCEPT.get(name, TASK_LINES)}
+    assert over == {}, f"move library code out of these tasks (into the package it belongs to): {over}"
+
+
+def test_the_allow_list_of_long_tasks_is_temporary():
+    lines = _task_lines()
+    for name, until in OVER_THE_LIMIT_UNTIL.items():
+        assert name in lines, f"tasks/{name} is gone: drop it from OVER_THE_LIMIT_UNTIL"
+        assert lines[name] > TASK_LINES, (f"tasks/{name} has {lines[name]} lines now ({until} is done): "
+                                          "drop it from OVER_THE_LIMIT_UNTIL")
 
 
 def _literal_string_sets(tree):

@@ -63,7 +63,7 @@ def _one(mode: str, model: str, args) -> dict:
     from residual_exp.encode import dataset_identity, encode_split, fit_bases, model_identity, source_for
     from residual_exp.methods import build_adapter
     from residual_exp.runtime import quiet_libraries
-    from residual_exp.train.data import ImageItems, batches, prepare_encoded
+    from residual_exp.train.data import Feed, ImageItems, batches, prepare_encoded
     from residual_exp.train.fit import fit_and_test, training_threads
     from residual_exp.train.module import AdapterModule
 
@@ -97,7 +97,7 @@ def _one(mode: str, model: str, args) -> dict:
             module = AdapterModule(adapter, head, 0.8)
         else:
             data = {s: ImageItems(splits[s]) for s in ("train", "val", "test")}
-            module = AdapterModule(adapter, head, 0.8, prepare_on_the_fly=True, backbone=bb)
+            module = AdapterModule(adapter, head, 0.8, feed=Feed.from_images(adapter, bb))
         times["encode"] = time.perf_counter() - t
         loaders = {s: batches(d, 64, s == "train") for s, d in data.items()}
         t = time.perf_counter()

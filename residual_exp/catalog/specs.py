@@ -41,6 +41,8 @@ class DatasetSpec:
     can_download: bool = False         # dataset.download=true fetches it (torchvision)
     classnames: str = ""               # where the class names come from
     templates: str = ""                # where the prompt templates come from
+    grid: Optional[str] = None         # the preset grid it belongs to (paper | synthetic: gen_experiments.py)
+    order: int = 100                   # position in that grid and in tables
 
     @staticmethod
     def check(node, root, bad) -> None:
@@ -62,6 +64,8 @@ class ModelSpec:
     image_size: Optional[int] = rule(None, ge=1)
     patch: Optional[int] = rule(None, ge=1)
     module: Optional[str] = None       # a module outside the package whose import registers model.family
+    grid: Optional[str] = None         # the preset grid it belongs to (paper: gen_experiments.py)
+    order: int = 100                   # position in that grid and in tables
 
 
 @dataclass
@@ -104,6 +108,12 @@ FAMILIES: dict[str, FamilySpec] = {
 def method_order() -> list[str]:
     """Every method option, in table order (``spec.order``, then name)."""
     return sorted(options("method"), key=lambda m: (spec("method", m).order, m))
+
+
+def grid(group: str, name: str) -> list[str]:
+    """The ``group`` options (model | dataset) of preset grid ``name``, in their ``spec.order``."""
+    specs = {o: spec(group, o) for o in options(group)}
+    return sorted((o for o, s in specs.items() if s.grid == name), key=lambda o: (specs[o].order, o))
 
 
 def needs_bases(method_cfg) -> bool:

@@ -138,6 +138,16 @@ class ReportTask(TaskConfig):
 
 
 @dataclass
+class DashboardTask(TaskConfig):
+    """A W&B workspace (saved view) of a sweep (``sweep_dir=``): saved online, its spec written offline."""
+    name: str = "dashboard"
+    entity: Optional[str] = None       # W&B entity (default: WANDB_ENTITY, the runs' logger.entity, your default online)
+    project: Optional[str] = None      # W&B project (default: the runs' logger.project, WANDB_PROJECT, residual_exp)
+    title: Optional[str] = None        # the view's name (default: residual_exp · <sweep folder>)
+    out_dir: Optional[str] = None      # where wandb_workspace.json goes (default: <sweep_dir>/report)
+
+
+@dataclass
 class AnalysisTask(TaskConfig):
     """Run the analysis selected by the `analysis` group."""
     name: str = "analysis"
@@ -216,7 +226,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: Any = None
     analysis: Any = None               # `analysis=NAME` (task=analysis)
-    sweep_dir: Optional[str] = None    # task=report: the sweep (or any folder of runs) to collect
+    sweep_dir: Optional[str] = None    # task=report / dashboard: the sweep (or any folder of runs) to collect
     run_dir: Optional[str] = None      # task=export: the trained run
     out: Optional[str] = None          # task=export: the export folder (default: <run_dir>/export)
     model_dir: Optional[str] = None    # task=predict / evaluate: an export folder
@@ -258,7 +268,8 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     for name, node in [("train_schema", TaskConfig), ("check_decomposition_schema", CheckDecompositionTask),
                        ("inspect_data_schema", InspectDataTask), ("pretrain_schema", PretrainTask),
-                       ("report_schema", ReportTask), ("analysis_schema", AnalysisTask),
+                       ("report_schema", ReportTask), ("dashboard_schema", DashboardTask),
+                       ("analysis_schema", AnalysisTask),
                        ("cache_schema", CacheTask), ("plan_schema", PlanTask), ("export_schema", ExportTask),
                        ("predict_schema", PredictTask), ("evaluate_schema", EvaluateTask)]:
         cs.store(group="task", name=name, node=node)

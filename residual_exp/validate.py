@@ -533,6 +533,11 @@ def _check_task(c: _Checker) -> None:
         _existing_dir(c, "sweep_dir", what="no such directory (a sweep folder holding runs with results.json)")
         c.string("task.out_dir", null=True)
         c.string("task.lambda_run", null=True)
+    elif name == "dashboard":
+        _existing_dir(c, "sweep_dir", required="task=dashboard needs sweep_dir=<a sweep folder holding runs>",
+                      what="no such directory (a sweep folder holding runs with results.json)")
+        for key in ("task.entity", "task.project", "task.title", "task.out_dir"):
+            c.string(key, null=True)
     elif name == "cache":
         c.choice("task.action", CACHE_ACTIONS)
         c.items("task.kinds", lambda k, v: c.choice(k, CACHE_KINDS, value=v), nonempty=True,

@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "inspect_data": "inspect_data:inspect_data",
     "pretrain_tiny_clip": "pretrain_tiny_clip:pretrain_tiny_clip",
     "report": "report:report",
+    "dashboard": "dashboard:dashboard",
     "analysis": "analysis:analysis",
     "plan": "plan:plan",
     "export": "export:export",

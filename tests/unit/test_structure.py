@@ -85,3 +85,9 @@ def test_no_module_reads_a_yaml_file_itself():
 def test_the_analysis_task_is_glue():
     lines = (PKG / "tasks" / "analysis.py").read_text().splitlines()
     assert len(lines) <= 250, len(lines)
+
+
+def test_the_report_task_is_glue():
+    for task in ("report", "dashboard"):
+        lines = (PKG / "tasks" / f"{task}.py").read_text().splitlines()
+        assert len(lines) <= 150, (task, len(lines))

@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 from ..atomic import atomic_write_text, save_figure  # noqa: E402
 from ..results import SETTING_KEYS, ResultsFileError, read_history  # noqa: E402
 from ..tables import csv_text, markdown_table  # noqa: E402
-from .report import CELL, best_index, clean_rows, describe, short_labels  # noqa: E402
+from .report import CELL, PAIR, best_index, clean_rows, describe, short_labels  # noqa: E402
 
 UNITS_ORDER = ("heads", "mlps", "heads_mlps", "all", "layers", "names", "coarse_top", "output")
 MAX_PANELS = 12
@@ -107,7 +107,7 @@ def factor_figure(trained: pd.DataFrame, out: Path | None, factor: str, name: st
                f"no two cells differ only in {factor} (values found: {', '.join(present)})")
         return Figure(name, title, [], skipped=f"{name}: skipped — {why}")
     d = d.assign(best_on_val=False)
-    for _, p in d.groupby(["model", "dataset"], sort=False):
+    for _, p in d.groupby(PAIR, sort=False):
         d.loc[best_index(p), "best_on_val"] = True
     if out is None:
         return Figure(name, title, [], _pivot(d, title, name, factor))
@@ -226,7 +226,7 @@ def pareto_figure(all_cells: pd.DataFrame, out: Path | None) -> Figure:
     name, title = "pareto_params", "Accuracy vs trainable parameters, every cell (Pareto front chosen on val)"
     d = all_cells.copy()
     d["front"] = False
-    for _, p in d.groupby(["model", "dataset"], sort=False):
+    for _, p in d.groupby(PAIR, sort=False):
         d.loc[p.index, "front"] = pareto_front(p.trainable_params, p.val_accuracy)
     panels = [pm for pm in _panels(d) if d[(d.model == pm[0]) & (d.dataset == pm[1])].trainable_params.nunique() > 1]
     if not panels:
@@ -235,7 +235,7 @@ def pareto_figure(all_cells: pd.DataFrame, out: Path | None) -> Figure:
     front = d[d.front].sort_values(["model", "dataset", "trainable_params"])
     rows = [{"model": r["model"], "dataset": r["dataset"], "#": k, "cell": r["cell"], "params": int(r["trainable_params"]),
              "val %": f"{r['val_accuracy'] * 100:.1f}", "test %": f"{r['test_accuracy'] * 100:.1f}"}
-            for (_, g) in front.groupby(["model", "dataset"], sort=False) for k, r in enumerate(g.to_dict("records"), 1)]
+            for (_, g) in front.groupby(PAIR, sort=False) for k, r in enumerate(g.to_dict("records"), 1)]
     md = (f"## {title}\n\n![{name}]({name}.png)\n\nThe front (no cell with as few parameters is better on val), "
           f"by parameters (# as numbered in the plot); data: {name}.csv\n\n" + markdown_table(rows))
     if out is None:

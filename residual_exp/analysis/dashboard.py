@@ -55,32 +55,26 @@ def wandb_run_ids(run_dirs) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def project_of(run_dirs, given: str | None) -> str:
-    """``given``, else the runs' W&B project (their config.json), else ``WANDB_PROJECT``, else ``residual_exp``."""
-    if given:
-        return given
+def _runs_logger(run_dirs, key: str) -> str | None:
+    """``logger.<key>`` of the first run whose config.json sets it."""
     for d in run_dirs:
         try:
-            project = (read_run_config(Path(d)).get("logger") or {}).get("project")
+            value = (read_run_config(Path(d)).get("logger") or {}).get(key)
         except (FileNotFoundError, ValueError):
             continue
-        if project:
-            return str(project)
-    return os.environ.get("WANDB_PROJECT") or "residual_exp"
+        if value:
+            return str(value)
+    return None
+
+
+def project_of(run_dirs, given: str | None) -> str:
+    """``given``, else the runs' W&B project (their config.json), else ``WANDB_PROJECT``, else ``residual_exp``."""
+    return given or _runs_logger(run_dirs, "project") or os.environ.get("WANDB_PROJECT") or "residual_exp"
 
 
 def entity_of(run_dirs, given: str | None) -> str | None:
     """``given``, else ``WANDB_ENTITY``, else the runs' configured entity (None: unknown offline)."""
-    if given or os.environ.get("WANDB_ENTITY"):
-        return given or os.environ["WANDB_ENTITY"]
-    for d in run_dirs:
-        try:
-            entity = (read_run_config(Path(d)).get("logger") or {}).get("entity")
-        except (FileNotFoundError, ValueError):
-            continue
-        if entity:
-            return str(entity)
-    return None
+    return given or os.environ.get("WANDB_ENTITY") or _runs_logger(run_dirs, "entity")
 
 
 def _panel(title: str, x: str, y: str, kind: str):

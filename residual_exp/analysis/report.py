@@ -31,6 +31,7 @@ from ..tables import markdown_table
 log = logging.getLogger(__name__)
 
 KEY = ("model", "dataset", "method", "seed")
+PAIR = list(KEY[:2])                  # one panel / one best setting per model × dataset
 CELL = ("model", "dataset", "method", *SETTING_KEYS, "selection")
 INT_KEYS = ("seed", "trainable_params", "kept_components", "n_selected_units", "num_classes", "max_epochs",
             "best_epoch", "epochs", "seeds", "epoch")
@@ -188,7 +189,7 @@ def cells(df: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     out = pd.DataFrame(rows)
     out["best_on_val"] = False
-    for _, g in out.groupby(["model", "dataset"], sort=False):
+    for _, g in out.groupby(PAIR, sort=False):
         out.loc[best_index(g), "best_on_val"] = True
     return out
 
@@ -305,7 +306,7 @@ def paper_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     best mean val accuracy (:func:`best_index`) — and a note for each choice made."""
     c = cells(df)
     keep, notes = [], []
-    for (model, ds, method), g in c.groupby(["model", "dataset", "method"], sort=False):
+    for (model, ds, method), g in c.groupby(list(KEY[:3]), sort=False):
         best = g.loc[best_index(g)]
         keep.append(tuple(_scalar(best[k]) for k in CELL))
         if len(g) > 1:
@@ -342,7 +343,7 @@ def paper_table(df: pd.DataFrame, choices: list[str] = ()) -> str:
     %, mean ± std over seeds), a mean row and a trainable-parameters row per model, then a models
     × methods summary, the conventions and the settings chosen on val (``choices``)."""
     methods = methods_order(set(df.method))
-    cols, align = ["model", "dataset"] + methods, ["l", "l"] + ["r"] * len(methods)
+    cols, align = PAIR + methods, ["l", "l"] + ["r"] * len(methods)
     rows, notes = [], []
     for model in sorted(df.model.unique()):
         dm = df[df.model == model]
@@ -377,7 +378,7 @@ def paper_table(df: pd.DataFrame, choices: list[str] = ()) -> str:
     if df.model.nunique() > 1:
         row = {"model": "**all**"}
         for m in methods:
-            v = df[df.method == m].groupby(["model", "dataset"]).test_accuracy.mean()
+            v = df[df.method == m].groupby(PAIR).test_accuracy.mean()
             row[m] = "–" if v.empty else f"**{v.mean() * 100:.1f}**"
         summary.append(row)
     lines += ["", "## Mean over datasets (%)", "",

@@ -225,7 +225,60 @@ def test_dashboard_builds_the_workspace_spec_offline(sweep, tmp_path, monkeypatc
     assert [len(s.panels) for s in back.sections] == [len(p) for p in sections.values()]
 
 
-def test_dashboard_needs_a_sweep_dir(tmp_path):
+def test_dashboard_needs_a_sweep_dir_with_runs(tmp_path, capsys):
     from residual_exp.validate import ConfigError
     with pytest.raises(ConfigError, match="task=dashboard needs sweep_dir="):
         run(compose_cfg(["task=dashboard"], tmp_path))
+    with pytest.raises(ConfigError, match=r"sweep_dir=.*nope: no such directory"):
+        run(compose_cfg(["task=dashboard", f"sweep_dir={tmp_path / 'nope'}"], tmp_path))
+    (tmp_path / "empty").mkdir()
+    assert run(compose_cfg(["task=dashboard", f"sweep_dir={tmp_path / 'empty'}"], tmp_path)) == 2
+    assert "dashboard: no results.json under" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+def _e2e(tmp_path, extra, logger="wandb"):
+    from tests.integration.sweep_helpers import cli
+    sweep = tmp_path / "sweep"
+    cli(["-m", "method=base,residual_coarse,residual_full", "trainer=fast", f"logger={logger}",
+         f"hydra.sweep.dir={sweep}", *extra], tmp_path, timeout=3000)
+    proc = cli(["task=report", f"sweep_dir={sweep}"], tmp_path)
+    rep = sweep / "report"
+    cells = pd.read_csv(rep / "cells.csv")
+    assert sorted(cells.method) == ["base", "residual_coarse", "residual_full"]
+    full = cells.set_index("method").loc["residual_full"]
+    assert (full.units, full.n_selected_units, full["rank"], full.kept_components, full.trainable_params) == (
+        "heads_mlps", 20, "all", 768, 768)                       # 16 heads × 32 PCs + 4 MLPs × 64 PCs
+    coarse = cells.set_index("method").loc["residual_coarse"]
+    assert (coarse.units, coarse.n_selected_units, coarse.trainable_params) == ("heads", 16, 16)
+    assert cells.best_on_val.sum() == 1
+    assert cells.loc[cells.best_on_val, "val_accuracy"].item() == cells.val_accuracy.max()
+    for name in ("pareto_params", "training_dynamics"):
+        assert (rep / f"{name}.png").stat().st_size > 10_000 and (rep / f"{name}.csv").is_file()
+    dyn = pd.read_csv(rep / "training_dynamics.csv")
+    for r in json.loads(next(sweep.glob("*residual_full*/results.json")).read_text())[1:]:
+        assert len(dyn[dyn.cell.str.startswith("residual_full")]) == r["epochs"]
+    for name in ("accuracy_vs_components", "units", "pca_reference", "lr_sensitivity", "init_sensitivity"):
+        assert f"{name}: skipped — no two cells differ only in" in proc.stdout, name
+    for name in ("results.md", "accuracy_vs_params.png", "gain_over_zero_shot.png", "lambda_spectra.png"):
+        assert (rep / name).is_file(), name
+    return sweep
+
+
+def test_report_and_dashboard_over_a_real_small_sweep(tmp_path):
+    """The default method trio on the embedded task (tiny sizes, random tiny CLIP), W&B offline."""
+    from tests.integration.sweep_helpers import TINY, cli
+    sweep = _e2e(tmp_path, [a for a in TINY if a != "trainer=fast"])
+    proc = cli(["task=dashboard", f"sweep_dir={sweep}"], tmp_path)
+    assert "offline: the view was not saved" in proc.stdout
+    spec = json.loads((sweep / "report" / "wandb_workspace.json").read_text())
+    ids = {p.name.rsplit("-", 1)[1] for p in sweep.glob("*/wandb/offline-run-*")}
+    assert len(ids) == 2                                           # residual_coarse, residual_full (base: no W&B run)
+    (flt,) = spec["spec"]["section"]["runSets"][0]["filters"]["filters"]
+    assert set(flt["value"]) == ids
+
+
+@pytest.mark.slow
+def test_report_over_the_default_trio_on_the_embedded_default(tmp_path):
+    """`python -m residual_exp -m method=base,residual_coarse,residual_full trainer=fast`, then the report."""
+    _e2e(tmp_path, [], logger="csv")

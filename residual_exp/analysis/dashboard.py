@@ -42,17 +42,17 @@ PANELS = {   # report figure → how W&B draws it: (x, y, kind) per panel
 PARALLEL = ("method", "units", "rank", "kept_components", "pca_reference", "init", "lr", "max_epochs")
 
 
-def wandb_run_ids(run_dirs) -> list[str]:
-    """The W&B run ids of ``run_dirs`` (``wandb/run-<time>-<id>`` or ``offline-run-…``; a resumed
-    cell's come from the run its results were copied from)."""
-    ids = []
+def wandb_run_ids(run_dirs) -> dict[str, list[str]]:
+    """``{run dir: its W&B run ids}`` (``wandb/run-<time>-<id>`` or ``offline-run-…``; a resumed
+    cell's come from the run its results were copied from; [] for runs logged without W&B)."""
+    out = {}
     for d in map(Path, run_dirs):
         found = sorted((d / "wandb").glob("*run-*-*")) if (d / "wandb").is_dir() else []
         if not found and (d / "resumed.json").is_file():
             src = json.loads((d / "resumed.json").read_text()).get("from_run_dir")
             found = sorted((Path(src) / "wandb").glob("*run-*-*")) if src and (Path(src) / "wandb").is_dir() else []
-        ids += [p.name.rsplit("-", 1)[-1] for p in found if p.is_dir()]
-    return list(dict.fromkeys(ids))
+        out[str(d)] = [p.name.rsplit("-", 1)[-1] for p in found if p.is_dir()]
+    return out
 
 
 def _runs_logger(run_dirs, key: str) -> str | None:

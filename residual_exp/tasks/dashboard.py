@@ -37,7 +37,9 @@ def dashboard(cfg) -> int:
         return 2
     t = cfg.task
     run_dirs = list(dict.fromkeys(df[df.method != "base"].run_dir))
-    run_ids = D.wandb_run_ids(run_dirs)
+    by_run = D.wandb_run_ids(run_dirs)
+    run_ids = list(dict.fromkeys(i for ids in by_run.values() for i in ids))
+    without = [d for d, ids in by_run.items() if not ids]
     paper, choices = R.paper_frame(df)
     cells = R.cells(df)
     sweep = Path(str(cfg.sweep_dir)).expanduser().resolve()
@@ -57,6 +59,9 @@ def dashboard(cfg) -> int:
     print(f"W&B workspace '{view.name}' ({view.entity or '<entity>'}/{view.project}): {len(view.sections)} sections, "
           f"{n_panels} panels over {len(run_ids) or len(run_dirs)} runs "
           f"({'W&B run ids' if run_ids else 'setting/run_dir, no W&B run folder found'}); spec: {out}")
+    if run_ids and without:
+        print(f"note: {len(without)} of {len(run_dirs)} trained runs have no W&B run (logged with logger=csv / none) "
+              f"and are not in the view, e.g. {without[0]}")
     if wandb_mode() in ("offline", "disabled"):
         print("offline: the view was not saved; with an API key (WANDB_API_KEY or `wandb login`) run this again "
               "to save it" + ("" if view.entity else " (and pass task.entity=… or WANDB_ENTITY)"))

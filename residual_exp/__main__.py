@@ -6,6 +6,8 @@ Examples::
     python -m residual_exp method=residual_fine dataset=shapes_shape
     python -m residual_exp -m method=base,residual_coarse,residual_full
     python -m residual_exp task=check_decomposition model=clip_b model.pretrained=null
+    python -m residual_exp task=report sweep_dir=outputs/sweeps/…       # tables + ablation figures
+    python -m residual_exp task=dashboard sweep_dir=outputs/sweeps/…    # W&B workspace of the sweep
     python -m residual_exp --help                            # config groups and options
 
 An override Hydra cannot compose (an unknown key, a missing option: :mod:`residual_exp.overrides`),

@@ -161,6 +161,12 @@ class PathsConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
+def require(root, bad, key: str, what: str) -> None:
+    """A top-level key a task cannot run without (``/key``: reported at the root)."""
+    if root.get(key) is None:
+        bad(f"/{key}", None, what)
+
+
 # --- tasks: one schema each; ``run`` names the function, the docstring is its --help line -----------------
 @dataclass
 class TaskConfig:
@@ -204,6 +210,22 @@ class ReportTask(TaskConfig):
     run_dirs: List[str] = rule(factory=list, item=_runs_dir("a folder holding runs with results.json"))
     out_dir: Optional[str] = None                         # default: <sweep_dir>/report
     lambda_run: Optional[str] = None                      # run dir whose λ spectra to plot
+
+
+@dataclass
+class DashboardTask(TaskConfig):
+    """A W&B workspace (saved view) of a sweep (sweep_dir=): saved online, its spec written offline."""
+    run: ClassVar[str] = "residual_exp.tasks.dashboard:dashboard"
+    resumable: ClassVar[bool] = False
+    name: str = "dashboard"
+    entity: Optional[str] = None       # W&B entity (default: WANDB_ENTITY, the runs' logger.entity, your default online)
+    project: Optional[str] = None      # W&B project (default: the runs' logger.project, WANDB_PROJECT, residual_exp)
+    title: Optional[str] = None        # the view's name (default: residual_exp · <sweep folder>)
+    out_dir: Optional[str] = None      # where wandb_workspace.json goes (default: <sweep_dir>/report)
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        require(root, bad, "sweep_dir", "task=dashboard needs sweep_dir=<a sweep folder holding runs>")
 
 
 @dataclass
@@ -253,12 +275,6 @@ class PlanTask(TaskConfig):
                 bad(key, v, "must be a finite number > 0")
         from omegaconf import OmegaConf
         walk("throughput", OmegaConf.to_container(node.throughput, resolve=True))
-
-
-def require(root, bad, key: str, what: str) -> None:
-    """A top-level key a task cannot run without (``/key``: reported at the root)."""
-    if root.get(key) is None:
-        bad(f"/{key}", None, what)
 
 
 @dataclass
@@ -320,7 +336,7 @@ class PretrainTask(TaskConfig):
 
 
 TASKS: dict[str, type[TaskConfig]] = {t.__dataclass_fields__["name"].default: t for t in (
-    TaskConfig, CheckDecompositionTask, InspectDataTask, ReportTask, AnalysisTask, CacheTask, PlanTask,
+    TaskConfig, CheckDecompositionTask, InspectDataTask, ReportTask, DashboardTask, AnalysisTask, CacheTask, PlanTask,
     ExportTask, PredictTask, EvaluateTask, PretrainTask)}
 
 
@@ -335,7 +351,7 @@ class Config:
     logger: Any = rule(None, free=True)
     analysis: Any = None               # `analysis=NAME` (task=analysis)
     sweep_dir: Optional[str] = rule(None, path="dir", what="no such directory (a sweep folder holding runs with "
-                                                           "results.json)")   # task=report: the runs to collect
+                                                           "results.json)")   # task=report / dashboard: the runs to collect
     run_dir: Optional[str] = rule(None, path="dir")   # task=export: the trained run
     out: Optional[str] = None          # task=export: the export folder (default: <run_dir>/export)
     model_dir: Optional[str] = rule(None, path="dir")   # task=predict / evaluate: an export folder

@@ -3,6 +3,8 @@
 * ``results.json`` — a list of records, one for the zero-shot ``base`` and one for the trained
   method, each with at least :data:`RESULT_KEYS` (:func:`write_results`, :func:`read_results`);
 * ``lambda.safetensors`` — the trained λ (:func:`save_lambda`, :func:`load_lambda`);
+* ``history.csv`` — one row per training epoch (:data:`HISTORY_COLUMNS`; :func:`write_history`,
+  :func:`read_history`), rewritten atomically after every epoch;
 * ``config.json`` — the job's resolved config (:func:`write_run_config`, :func:`read_run_config`),
   which later tasks (``text_spans`` with ``analysis.run_dir``, export) read instead of Hydra's
   YAML files;
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_path, atomic_write_text
+from .catalog import ActsOn, needs_bases, spec_of
 from .tables import text_table
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,11 @@ log = logging.getLogger(__name__)
 RESULT_KEYS = ("model", "dataset", "method", "trainable_params", "val_accuracy", "test_accuracy",
                "zero_shot_val_accuracy", "zero_shot_test_accuracy", "seed", "wall_seconds")
 CONVENTION_KEYS = ("units_convention", "classifier", "evr_rule", "compat", "cache_layout")   # FIDELITY.md
+# what a trained record says about its setting (besides the method); absent in older records
+SETTING_KEYS = ("units", "rank", "pca_reference", "init", "lr", "max_epochs")
+BELOW_ZERO_SHOT_MARGIN = 0.02        # a trained method this far below zero-shot on val is flagged
+HISTORY_FILE = "history.csv"
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy")
 LAMBDA_FILE = "lambda.safetensors"
 RUN_CONFIG_FILE = "config.json"
 CLASSES_FILE = "classes.json"
@@ -58,6 +66,46 @@ def read_results(path: Path) -> list[dict]:
     return data
 
 
+def setting_of(config: dict) -> dict:
+    """The setting (:data:`SETTING_KEYS`) a trained job's resolved config (``config.json``) implies:
+    ``units`` (``method.units``, ``+`` spelt ``_``; None for base / finetune), ``rank`` (``evr=0.9``,
+    ``k=16`` or ``all`` for methods with principal components, else None), ``pca_reference``
+    (:func:`pca_reference`; None for methods without bases), ``init``, ``lr``, ``max_epochs``.
+    For records that do not carry these fields themselves (written before they existed)."""
+    m, trainer = config.get("method") or {}, config.get("trainer") or {}
+    spec = method_spec(m)
+    units = None if spec is None or spec.acts_on == ActsOn.output or m.get("units") is None \
+        else str(m["units"]).replace("+", "_")
+    rank = None
+    if spec is not None and spec.needs_bases:          # λ per principal component: a rank applies
+        rank = (f"evr={m['evr']:g}" if m.get("evr") is not None else f"k={m['k']}" if m.get("k") is not None
+                else "all")
+    uses_bases = spec is not None and needs_bases(m)
+    return {"units": units, "rank": rank, "pca_reference": pca_reference(config.get("pca")) if uses_bases else None,
+            "init": m.get("init"), "lr": m.get("lr"), "max_epochs": trainer.get("max_epochs")}
+
+
+def method_spec(method: dict):
+    """The spec of a saved ``method`` node (None when neither it nor its option file has one: a plugin
+    method whose YAML is not on the search path any more)."""
+    try:
+        return spec_of("method", method) if method.get("name") else None
+    except KeyError:
+        return None
+
+
+def pca_reference(pca: dict | None) -> str | None:
+    """Which set the bases are fitted on: the reference dataset's name (``imagenet``; ``:split``
+    appended when not its train split), ``reference`` (the target's own reference split),
+    ``target`` (its train split) or ``target:<split>``."""
+    if not pca:
+        return None
+    ref, split = pca.get("reference"), pca.get("split")
+    if isinstance(ref, dict) and ref.get("name"):
+        return ref["name"] if split == "train" else f"{ref['name']}:{split}"
+    return {"reference": "reference", "train": "target"}.get(split, f"target:{split}")
+
+
 def missing_keys(record: dict) -> list[str]:
     return [k for k in RESULT_KEYS if k not in record]
 
@@ -76,6 +124,41 @@ _TABLE = [("model", "model"), ("dataset", "dataset"), ("method", "method"), ("pa
 def results_table(records: list[dict]) -> str:
     """The aligned console table of a job's records."""
     return text_table(records, [k for _, k in _TABLE], [h for h, _ in _TABLE], fmt=_fmt, right_from=3)
+
+
+# --- history.csv ----------------------------------------------------------------------------
+def write_history(rows: list[dict], path: Path) -> Path:
+    """``rows`` (dicts keyed by :data:`HISTORY_COLUMNS`; None → empty cell) as CSV, atomically."""
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
+
+
+def read_history(run_dir: Path) -> list[dict] | None:
+    """The rows of ``<run_dir>/history.csv`` (numbers as int / float, empty cells None), or None
+    when the run has none (runs written before it existed, zero-shot-only jobs)."""
+    import csv
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ResultsFileError(f"{path}: unreadable history ({type(e).__name__}: {e})") from e
+    if rows and "epoch" not in rows[0]:
+        raise ResultsFileError(f"{path}: not a training history (no 'epoch' column)")
+    try:
+        return [{k: (None if v in ("", None) else int(v) if k == "epoch" else float(v))
+                 for k, v in r.items() if isinstance(k, str)} for r in rows]
+    except ValueError as e:
+        raise ResultsFileError(f"{path}: not a training history ({e})") from e
 
 
 # --- config.json ----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ half-written result for a finished one.  The task registry (:mod:`residual_exp.t
    ``<paths.root_dir>/outputs/results/<key>.json``;
 2. if that entry is complete (it parses, carries the same key, and holds a record with every
    field of :data:`~residual_exp.results.RESULT_KEYS` for ``base`` and for ``method.name``), copies
-   it into the new run dir as ``results.json`` (with ``classes.json`` and, when the method has
-   one, ``lambda.safetensors``, both kept in ``results/artefacts/``), writes ``resumed.json``
+   it into the new run dir as ``results.json`` (with ``classes.json`` and, when the job has
+   them, ``lambda.safetensors`` and ``history.csv``, all kept in ``results/artefacts/``), writes ``resumed.json``
    saying where it came from, prints the table and returns 0 without building a model;
 3. otherwise runs the task and, only after it returned 0 and its ``results.json`` is
    complete, writes the store entry: artefacts first, then the JSON by an atomic rename.
@@ -70,7 +70,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import atomic_path, atomic_write_text
 from .cache import file_record, spec_hash
 from .encode import model_identity
-from .results import (CLASSES_FILE, LAMBDA_FILE, RESULT_KEYS, ResultsFileError, read_results, results_table,
+from .results import (CLASSES_FILE, HISTORY_FILE, LAMBDA_FILE, RESULT_KEYS, ResultsFileError, read_results, results_table,
                       write_results, write_run_config)
 from .runtime import run_dir_of
 
@@ -89,7 +89,7 @@ EXCLUDED_KEYS = (
 )
 ABSOLUTE_PATH_KEYS = ("dataset.root", "paths.data_dir")
 ARTEFACT_DIR = "artefacts"                # store/artefacts/<key>.<name>
-ARTEFACTS = (LAMBDA_FILE, CLASSES_FILE)   # small per-run files kept with the entry (λ spectra, class list)
+ARTEFACTS = (LAMBDA_FILE, CLASSES_FILE, HISTORY_FILE)   # small per-run files kept with the entry (λ, classes, curves)
 
 
 # --- the key ------------------------------------------------------------------------------

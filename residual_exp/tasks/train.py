@@ -20,11 +20,12 @@ from ..catalog import EVAL_SPLITS, RUN_SPLITS, Split, needs_bases
 from ..classifiers import top1_accuracy
 from ..methods import build_adapter
 from ..pipeline import Session
-from ..results import LAMBDA_FILE, results_table, save_lambda, write_classes, write_results
+from ..results import (BELOW_ZERO_SHOT_MARGIN, LAMBDA_FILE, results_table, save_lambda, setting_of, write_classes,
+                       write_results)
 from ..runtime import run_dir_of
 from ..train.data import TrainingData
 from ..train.fit import fit_and_test, training_threads
-from ..train.loggers import build_logger, finish_logger
+from ..train.loggers import build_logger, finish_logger, log_summary, setting_config
 from ..train.module import AdapterModule
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,11 @@ def train(cfg: DictConfig) -> int:
     zs = {name: top1_accuracy(head, enc[name].features, enc[name].labels) for name in EVAL_SPLITS}
     common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
                   zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"],
-                  **conventions_record(cfg, s.backbone.has_text))
+                  **conventions_record(cfg, s.backbone.has_text), num_classes=len(splits["train"].classnames))
     records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
                     wall_seconds=round(time.time() - t_start, 2))]
     if cfg.method.spec.trains:
-        records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir)))
+        records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir, common)))
         warn_below_zero_shot(records[-1], zs["val"])
 
     path = write_results(records, run_dir)
@@ -60,7 +61,7 @@ def train(cfg: DictConfig) -> int:
     return 0
 
 
-def warn_below_zero_shot(rec: dict, zero_shot_val: float, margin: float = 0.02) -> bool:
+def warn_below_zero_shot(rec: dict, zero_shot_val: float, margin: float = BELOW_ZERO_SHOT_MARGIN) -> bool:
     """Say so when a trained method ends clearly below the frozen model on val (its best epoch
     included): a learning rate, epoch budget or initialisation that did not let it train."""
     if rec["val_accuracy"] >= zero_shot_val - margin:
@@ -79,10 +80,13 @@ def conventions_record(cfg, has_text: bool) -> dict:
             "evr_rule": c.evr_rule, "compat": cfg.compat, "cache_layout": cfg.cache.layout}
 
 
-def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) -> dict:
+def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path, common: dict | None = None) -> dict:
     """Build the adapter, train it (cached tensors or backbone in the loop), test the best-val
-    checkpoint, save λ.  Returns the method's result fields."""
+    checkpoint, save λ.  Returns the method's result fields (``common``: the job's shared fields,
+    for the logger's ``setting/*`` config keys and summary row)."""
     t0, method = time.time(), cfg.method.name
+    config = OmegaConf.to_container(cfg, resolve=True)
+    setting = setting_of(config)
     unit_basis = output_basis = None
     if needs_bases(cfg.method):
         unit_basis, output_basis = s.reference_bases()
@@ -94,7 +98,8 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) 
     eval_batch = cfg.method.batch_size if s.device == "cpu" else max(cfg.method.batch_size, EVAL_BATCH_GPU)
     loaders = data.loaders(cfg.method.batch_size, eval_batch, cfg.trainer.num_workers, cfg.seed)
     module = AdapterModule(adapter, head, cfg.method.lr, cfg.method.weight_decay, feed=data.feed)
-    logger = build_logger(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True))
+    fields = dict(common or {}, method=method, **setting, run_dir=str(run_dir))
+    logger = build_logger(cfg.get("logger"), run_dir, {**config, **setting_config(fields)})
     code = 1
     try:
         with training_threads(adapter, cfg.trainer, cfg.method.batch_size, s.device,
@@ -104,9 +109,9 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) 
         save_lambda(adapter, s.backbone.layout, run_dir / LAMBDA_FILE, method)
         rec = dict(method=method, trainable_params=adapter.trainable_params(), val_accuracy=res.val_accuracy,
                    test_accuracy=res.test_accuracy, best_epoch=res.best_epoch, epochs=res.epochs_run,
-                   lr=res.lr, wall_seconds=round(time.time() - t0, 2))
-        if logger is not None:
-            logger.log_metrics({"final/" + k: v for k, v in rec.items() if isinstance(v, (int, float))})
+                   lr=res.lr, wall_seconds=round(time.time() - t0, 2),
+                   **{k: setting[k] for k in ("pca_reference", "init", "max_epochs")})
+        log_summary(logger, dict(fields, **rec))
         code = 0
         return rec
     finally:

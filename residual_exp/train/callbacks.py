@@ -9,13 +9,23 @@ none for methods without λ):
   ``lambda/abs_mean`` and ``lambda/frac_negative`` to every logger (CSV included);
 * a histogram ``lambda/hist`` to W&B (``wandb.Histogram``) and TensorBoard loggers;
 * the trainable parameter count as the hyperparameter ``trainable_params`` at fit start.
+
+:class:`HistoryWriter` (every trained run, with or without a logger) keeps one row per epoch —
+``epoch`` (0-based, as ``best_epoch`` in results.json), ``train_loss`` (the epoch's mean),
+``val_loss``, ``val_accuracy`` — and rewrites ``history.csv`` atomically after each epoch; the
+same row goes to the loggers as ``history/*`` (W&B: plotted against ``history/epoch``).  It
+only reads the metrics the module logged: training is unchanged.
 """
 from __future__ import annotations
 
 import logging
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
+
+from ..results import write_history
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +78,34 @@ class LambdaMonitor(pl.Callback):
                                    "trainer/global_step": step})
             elif name == "TensorBoardLogger":
                 lg.experiment.add_histogram("lambda/hist", lam, global_step=step)
+
+
+def _number(v) -> float | None:
+    if v is None:
+        return None
+    return float(v.item() if isinstance(v, torch.Tensor) else v)
+
+
+class HistoryWriter(pl.Callback):
+    """Per-epoch training history to ``path`` (``history.csv``) and the loggers (module docstring).
+
+    Lightning ≥ 2.0 validates at the end of the training epoch, before ``on_train_epoch_end``,
+    so the row holds the validation of the same epoch and the epoch-mean training loss.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        m = trainer.callback_metrics
+        row = {"epoch": int(trainer.current_epoch), "train_loss": _number(m.get("train/loss_epoch")),
+               "val_loss": _number(m.get("val/loss")), "val_accuracy": _number(m.get("val/acc"))}
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        write_history(self.rows, self.path)
+        logged = {f"history/{k}": v for k, v in row.items() if v is not None}
+        for lg in trainer.loggers:
+            if type(lg).__name__ == "WandbLogger" and not self.rows[:-1]:
+                lg.experiment.define_metric("history/epoch")
+                lg.experiment.define_metric("history/*", step_metric="history/epoch")
+            lg.log_metrics(logged, step=trainer.global_step)

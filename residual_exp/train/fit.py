@@ -1,7 +1,8 @@
 """Train one adapter under the paper's protocol and test its best-val checkpoint.
 
 Protocol (DESIGN.md §1): Schedule-Free AdamW, at most ``trainer.max_epochs`` (30) epochs,
-early stopping on val accuracy (patience 5), test on the best-val checkpoint.  With
+early stopping on val accuracy (patience 5), test on the best-val checkpoint; the per-epoch
+history goes to ``history.csv`` in the run dir (:class:`~.callbacks.HistoryWriter`).  With
 ``trainer.lr_find=true`` Lightning's LR finder picks the learning rate first.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from ..atomic import save_figure
-from .callbacks import LambdaMonitor
+from ..results import HISTORY_FILE
+from .callbacks import HistoryWriter, LambdaMonitor
 from .module import AdapterModule
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def fit_and_test(module: AdapterModule, loaders: dict, trainer_cfg, out_dir: Pat
                   plugins=_no_requeue_plugins())
     trainer = pl.Trainer(
         max_epochs=trainer_cfg.max_epochs, logger=logger if logger is not None else False,
-        callbacks=[checkpoint, stopper, *monitors], enable_progress_bar=trainer_cfg.progress_bar,
+        callbacks=[checkpoint, stopper, HistoryWriter(Path(out_dir) / HISTORY_FILE), *monitors], enable_progress_bar=trainer_cfg.progress_bar,
         log_every_n_steps=10, **common)
     if trainer_cfg.lr_find:
         find_lr(module, loaders, trainer_cfg, common, Path(out_dir))

@@ -4,6 +4,12 @@
 mode is decided here, never by a prompt: ``online`` when ``WANDB_API_KEY`` is set or a
 ``~/.netrc`` entry exists and ``WANDB_MODE`` does not say otherwise, ``offline`` otherwise;
 the offline run folder stays under the Hydra run dir for a later ``wandb sync``.
+
+Besides the resolved (nested) config, a run's config carries flat ``setting/<key>`` entries
+(:func:`setting_config`: model, dataset, method, seed, units, rank, pca_reference, init, lr,
+max_epochs, num_classes, the conventions and compat, the run dir, and — once known — the
+selected-unit and component counts) for W&B grouping and filters; :func:`log_summary` writes the
+run's summary row (``final/*``).  ``task=dashboard`` builds its workspace on these keys.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import os
 from pathlib import Path
 
 from hydra.utils import instantiate
+
+from ..results import CONVENTION_KEYS, SETTING_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,37 @@ def build_logger(logger_cfg, run_dir: Path, config: dict | None = None):
     # instantiate a partial, then call it: hydra.utils.instantiate's own first parameter is named
     # `config`, which would collide with WandbLogger's `config=` keyword
     return instantiate(logger_cfg, _partial_=True, _convert_="all")(**kwargs)
+
+
+SETTING_PREFIX = "setting/"
+SETTING_CONFIG_KEYS = ("model", "dataset", "method", "seed", *SETTING_KEYS, "n_selected_units", "kept_components",
+                       "trainable_params", "num_classes", *CONVENTION_KEYS, "run_dir")
+SUMMARY_KEYS = ("val_accuracy", "test_accuracy", "zero_shot_val_accuracy", "zero_shot_test_accuracy", "gain",
+                "trainable_params", "kept_components", "n_selected_units", "best_epoch", "epochs", "lr", "wall_seconds")
+
+
+def setting_config(fields: dict) -> dict:
+    """``{setting/<key>: value}`` for the :data:`SETTING_CONFIG_KEYS` present in ``fields`` (scalars)."""
+    return {SETTING_PREFIX + k: fields[k] for k in SETTING_CONFIG_KEYS
+            if k in fields and (fields[k] is None or isinstance(fields[k], (str, int, float, bool)))}
+
+
+def log_summary(logger, fields: dict) -> None:
+    """The run's summary row: ``final/<key>`` for the numeric :data:`SUMMARY_KEYS` of ``fields``
+    (``gain`` = test − zero-shot test) to the logger; on W&B also the run summary's ``flags``
+    and the config's ``setting/*`` keys known only now (e.g. selected units, kept components)."""
+    if logger is None:
+        return
+    fields = dict(fields)
+    if "test_accuracy" in fields and "zero_shot_test_accuracy" in fields:
+        fields["gain"] = fields["test_accuracy"] - fields["zero_shot_test_accuracy"]
+    logger.log_metrics({"final/" + k: fields[k] for k in SUMMARY_KEYS
+                        if isinstance(fields.get(k), (int, float)) and not isinstance(fields.get(k), bool)})
+    if type(logger).__name__ == "WandbLogger":
+        run = logger.experiment
+        run.config.update(setting_config(fields), allow_val_change=True)
+        if fields.get("flags"):
+            run.summary["flags"] = "; ".join(map(str, fields["flags"]))
 
 
 def _wandb_settings():

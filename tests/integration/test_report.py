@@ -115,7 +115,11 @@ def test_report_from_run_dirs_with_a_chosen_lambda_run_and_out_dir(sweep, tmp_pa
     assert _report(tmp_path, f"task.run_dirs=[{','.join(map(str, runs))}]", f"task.out_dir={out}",
                    f"task.lambda_run={coarse}") == 0
     assert {p.name for p in out.iterdir()} == {"results.csv", "results.md", "accuracy_vs_params.png",
-                                               "gain_over_zero_shot.png", "lambda_spectra.png"}
+                                               "gain_over_zero_shot.png", "lambda_spectra.png", "cells.csv",
+                                               "cells.md", "figures.md", "pareto_params.png", "pareto_params.csv"}
+    skipped = (out / "figures.md").read_text().split("## Skipped")[1]
+    assert "units: skipped — no trained cell records units" in skipped
+    assert "training_dynamics: skipped — no trained run has a history.csv" in skipped
 
 
 def test_report_fails_clearly_on_a_missing_dir(tmp_path, capsys):

@@ -80,6 +80,7 @@ def test_failed_job_is_not_stored_then_reruns_then_resumes(tmp_path, capsys, mon
     assert "resumed" in out and "residual_coarse" in out                    # table printed
     assert json.loads((tmp_path / "r2" / "results.json").read_text()) == first
     assert (tmp_path / "r2" / "resumed.json").exists() and (tmp_path / "r2" / "lambda.safetensors").exists()
+    assert (tmp_path / "r2" / "history.csv").read_bytes() == (tmp_path / "r1" / "history.csv").read_bytes()
     assert not (tmp_path / "r2" / "checkpoints").exists()                  # no work done
 
     # resume=false recomputes; a damaged entry is ignored and rewritten

@@ -102,6 +102,8 @@ def _needs(group: str, option: str, tmp_path) -> list[str]:
         return [f"model_dir={tmp_path}", f"inputs={tmp_path}"]
     if group == "task" and option == "evaluate":
         return [f"model_dir={tmp_path}"]
+    if group == "task" and option == "dashboard":
+        return [f"sweep_dir={tmp_path}"]
     return []
 
 

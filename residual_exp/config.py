@@ -16,10 +16,11 @@ from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from .catalog import (FAMILIES, OUTPUT_UNITS, SEED_MAX, TRAINER_PRECISIONS, UNITS_WHAT, Accelerator, ActsOn,
-                      CacheAction, CacheDtype, CacheKind, CacheLayout, CheckDtype, Compat, DatasetSpec, EvrRule,
-                      Init, MethodSpec, ModelPrecision, ModelSpec, Others, Prototype, SimilarityUnweighted,
-                      SimilarityWeights, Split, UnitConvention, Verify, rule, unit_selection)
+from .catalog import (FAMILIES, SEED_MAX, TRAINER_PRECISIONS, Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind,
+                      CacheLayout, CheckDtype, Compat, DatasetSpec, EvrRule, Init, MethodSpec, ModelPrecision,
+                      ModelSpec, Others, Prototype, Score, Selection, SimilarityUnweighted, SimilarityWeights, Split,
+                      UnitConvention, UnitKind, Verify, rule)
+from .errors import ConfigError
 from .catalog.specs import CONF_MODULE  # noqa: F401  (re-exported: where the configs live)
 
 SEED = dict(ge=0, lt=SEED_MAX)
@@ -74,21 +75,68 @@ class DatasetConfig:
 
 @dataclass
 class PCAConfig:
-    """Where the per-unit PCA bases are fitted (how many components a method keeps is the
-    method's choice: ``method.evr`` / ``method.k``)."""
+    """Where the per-unit PCA bases are fitted (how many components a method keeps is the ``rank``
+    group's choice)."""
     reference: Optional[DatasetConfig] = None   # dataset node the bases are fitted on (null: the target dataset)
     split: Split = Split.reference     # split of that dataset (train for ImageNet, as in the paper)
     max_samples: Optional[int] = rule(None, ge=2)   # cap on images used for fitting (seeded uniform subsample)
 
 
 @dataclass
-class MethodConfig:
-    """One of the methods (DESIGN.md §1, ``conf/method/``) and its knobs."""
-    name: str = rule(MISSING, options="group:method")    # method=NAME (the config's file name)
-    units: str = rule("heads", what=UNITS_WHAT + "; output methods take output")   # the units a residual method reweights
-    others: Others = Others.drop       # units not selected
+class UnitsConfig:
+    """Which residual units a method reweights (``units=NAME``, conf/units/; each method's file picks
+    its default): by kind, a layer range, name patterns, or the top heads a coarse-selection analysis
+    ranked.  Resolved by :func:`residual_exp.decompose.selection.select`."""
+    name: str = rule(MISSING, options="group:units")     # units=NAME (the config's file name)
+    by: Selection = Selection.kinds
+    kinds: List[UnitKind] = rule(factory=list)          # keep these kinds (empty: any kind)
+    layers: Optional[List[int]] = rule(None, item=dict(ge=0))   # [first, last] layer, inclusive
+    include: List[str] = rule(factory=list)             # glob patterns over unit names (L11H*, L10.mlp)
+    exclude: List[str] = rule(factory=list)             # patterns dropped from the selection
+    run_dir: Optional[str] = rule(None, path="dir")     # coarse_top: the run dir of a coarse_selection analysis
+    fraction: float = rule(0.05, gt=0, le=1)            # coarse_top: share of the heads kept (rounded, ≥ 1)
+    score: Score = Score.zero_shot                      # coarse_top: which of the analysis's rankings
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        from .decompose.selection import preset_layout, requirement_problem, select
+        problem = requirement_problem(node)
+        if problem:
+            return bad(*problem)
+        layout = preset_layout(root.model.spec, root.conventions.units == UnitConvention.centred)
+        if layout is not None:                      # the preset states its shape: resolve it now
+            try:
+                select(node, layout, root.model.name)
+            except ConfigError as e:
+                bad("/units", node.name, e.problems[0].split(": ", 1)[1])
+
+
+@dataclass
+class RankConfig:
+    """How many principal components of each unit a spectral method keeps (``rank=NAME``, conf/rank/;
+    each method's file picks its default): all, the leading ones up to an explained-variance ratio, or
+    the first k.  Methods without principal components ignore it."""
+    name: str = rule(MISSING, options="group:rank")      # rank=NAME (the config's file name)
     evr: Optional[float] = rule(None, gt=0, le=1)   # keep each unit's leading PCs up to this explained-variance ratio
-    k: Optional[int] = rule(None, ge=1)             # or its first k PCs (null + null: keep all)
+    k: Optional[int] = rule(None, ge=1)             # or its first k PCs (both null: keep all)
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        if node.evr is not None and node.k is not None:
+            bad("k", node.k, f"set rank.evr (={node.evr}) or rank.k, not both (the other null; rank=evr | k | all)")
+
+
+def rank_label(rank) -> str:
+    """``all``, ``evr=0.9`` or ``k=16`` (records, tables)."""
+    return f"evr={rank.evr:g}" if rank.evr is not None else f"k={rank.k}" if rank.k is not None else "all"
+
+
+@dataclass
+class MethodConfig:
+    """One of the methods (DESIGN.md §1, ``conf/method/``) and its knobs (its units and rank are the
+    ``units`` and ``rank`` groups)."""
+    name: str = rule(MISSING, options="group:method")    # method=NAME (the config's file name)
+    others: Others = Others.drop       # units not selected
     dropped_value: float = 0.0         # λ of pruned components (0 removes them, 1 keeps them as is)
     init: Init = Init.normal           # initialisation (the method's spec lists the values it takes)
     lr: float = 0.8                    # Schedule-Free AdamW learning rate (trainer.lr_find replaces it)
@@ -100,16 +148,14 @@ class MethodConfig:
 
     @staticmethod
     def check(node, root, bad) -> None:
-        spec, name = node.spec, node.name
+        spec, name, units = node.spec, node.name, root.units
         if spec.trains and not (math.isfinite(node.lr) and node.lr > 0):   # (base trains nothing: lr unused)
             bad("lr", node.lr, "must be a finite number > 0")
-        if node.evr is not None and node.k is not None:
-            bad("k", node.k, f"set method.evr (={node.evr}) or method.k, not both (the other null)")
-        if spec.acts_on == ActsOn.output and node.units != OUTPUT_UNITS:
-            bad("units", node.units, f"method={name} acts on the output feature: must be {OUTPUT_UNITS}")
-        elif spec.acts_on == ActsOn.units and not unit_selection(node.units):
-            bad("units", node.units, f"method={name} reweights residual units: " + UNITS_WHAT
-                + (f", not {OUTPUT_UNITS}" if node.units == OUTPUT_UNITS else ""))
+        if spec.acts_on == ActsOn.output and units.by != Selection.output:
+            bad("/units", units.name, f"method={name} acts on the output feature: takes units=output")
+        elif spec.acts_on == ActsOn.units and units.by == Selection.output:
+            bad("/units", units.name, f"method={name} reweights residual units: takes units=heads | mlps | "
+                                      f"heads_mlps | all | layers | names | coarse_top (conf/units/), not output")
         if node.others not in spec.others:
             what = {Others.mean: "mean (replace the other units by their reference mean) only applies to "
                                  "residual_* methods; "}.get(node.others, "")
@@ -347,6 +393,8 @@ class Config:
     dataset: DatasetConfig = MISSING
     method: MethodConfig = MISSING
     pca: PCAConfig = MISSING
+    units: UnitsConfig = MISSING
+    rank: RankConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: Any = rule(None, free=True)
     analysis: Any = None               # `analysis=NAME` (task=analysis)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .catalog import method_order, options, spec
+from .catalog import SPEC_TYPES, method_order, options, spec
 
 WIDTH = 100
 DEFAULTS = {"task": "train", "model": "tiny_clip", "dataset": "shapes_shape", "method": "residual_full",
@@ -37,7 +37,7 @@ def _line(name: str, text: str, indent: int = 2, width: int = 22) -> str:
 
 
 def _describe(group: str, name: str) -> str:
-    if group in ("model", "dataset", "method"):
+    if group in SPEC_TYPES:
         try:
             return spec(group, name).description
         except Exception:                 # a broken option is validate's business, not --help's

@@ -10,7 +10,6 @@ composes is then checked by :func:`residual_exp.validate.validate` inside the jo
 """
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Sequence
 
@@ -57,17 +56,12 @@ def _value(key: str, overrides: Sequence[str]) -> str:
 def _unknown_key(key: str, value: str, task: str | None, analysis: str | None = None) -> str:
     import dataclasses
 
-    from .validate import moved_key, node_schema
+    from .validate import node_schema, suggestion
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     schema = node_schema(parent, task, analysis)
     fields = [f.name for f in dataclasses.fields(schema)] if schema else []
     node = {"": "the config", "task": f"task ({task})", "analysis": f"analysis ({analysis})"}.get(parent, parent)
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], fields, n=1, cutoff=0.6)
-    if close:
-        hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)"
-    else:
-        moved = moved_key(key)
-        hint = f" (did you mean {moved}?)" if moved else ""
+    hint = suggestion(key, fields)
     keys = f"; the keys of {node} are: {', '.join(fields)}" if fields else ""
     return f"unknown key {key}{hint}: got {key}={value}{keys} (a '+' would only add a key nothing reads)"
 

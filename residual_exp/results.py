@@ -68,18 +68,20 @@ def read_results(path: Path) -> list[dict]:
 
 def setting_of(config: dict) -> dict:
     """The setting (:data:`SETTING_KEYS`) a trained job's resolved config (``config.json``) implies:
-    ``units`` (``method.units``, ``+`` spelt ``_``; None for base / finetune), ``rank`` (``evr=0.9``,
-    ``k=16`` or ``all`` for methods with principal components, else None), ``pca_reference``
-    (:func:`pca_reference`; None for methods without bases), ``init``, ``lr``, ``max_epochs``.
-    For records that do not carry these fields themselves (written before they existed)."""
+    ``units`` (the units option; None for output methods), ``rank`` (``evr=0.9``, ``k=16`` or ``all``
+    for methods with principal components, else None), ``pca_reference`` (:func:`pca_reference`;
+    None for methods without bases), ``init``, ``lr``, ``max_epochs``.  Configs written before the
+    ``units`` / ``rank`` groups existed carry them as ``method.units`` / ``method.evr`` / ``method.k``."""
     m, trainer = config.get("method") or {}, config.get("trainer") or {}
+    units_node, rank_node = config.get("units") or {}, config.get("rank") or {"evr": m.get("evr"), "k": m.get("k")}
     spec = method_spec(m)
-    units = None if spec is None or spec.acts_on == ActsOn.output or m.get("units") is None \
-        else str(m["units"]).replace("+", "_")
+    units = units_node.get("name") or (str(m["units"]).replace("+", "_") if m.get("units") else None)
+    if spec is None or spec.acts_on == ActsOn.output:
+        units = None
     rank = None
     if spec is not None and spec.needs_bases:          # λ per principal component: a rank applies
-        rank = (f"evr={m['evr']:g}" if m.get("evr") is not None else f"k={m['k']}" if m.get("k") is not None
-                else "all")
+        rank = (f"evr={rank_node['evr']:g}" if rank_node.get("evr") is not None else
+                f"k={rank_node['k']}" if rank_node.get("k") is not None else "all")
     uses_bases = spec is not None and needs_bases(m)
     return {"units": units, "rank": rank, "pca_reference": pca_reference(config.get("pca")) if uses_bases else None,
             "init": m.get("init"), "lr": m.get("lr"), "max_epochs": trainer.get("max_epochs")}

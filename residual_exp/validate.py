@@ -29,7 +29,7 @@ from .catalog import options as group_options
 from .catalog.fields import BOUNDS, bounds_text, fmt, one_of
 from .errors import ConfigError, JobFailed
 
-__all__ = ["ConfigError", "JobFailed", "validate", "fmt", "one_of", "node_schema", "moved_key", "group_options"]
+__all__ = ["ConfigError", "JobFailed", "validate", "fmt", "one_of", "node_schema", "suggestion", "group_options"]
 _ABSENT = object()
 
 
@@ -63,6 +63,20 @@ def node_schema(path: str, task: str | None = None, analysis: str | None = None)
         if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
             return None
     return schema
+
+
+# keys that became config groups: where they went (the old spelling is refused with this pointer)
+MOVED = {"method.units": "units=NAME (conf/units/: heads, mlps, heads_mlps, all, layers, names, coarse_top)",
+         "method.evr": "rank=evr rank.evr=X", "method.k": "rank=k rank.k=N"}
+
+
+def suggestion(path: str, fields: list[str]) -> str:
+    """`` (did you mean …?)`` for an unknown key: where it moved, a close spelling among its node's
+    ``fields``, or the same name elsewhere; "" when nothing fits."""
+    parent, leaf = path.rpartition(".")[::2] if "." in path else ("", path)
+    close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.6)
+    hint = MOVED.get(path) or (f"{parent + '.' if parent else ''}{close[0]}" if close else moved_key(path))
+    return f" (did you mean {hint}?)" if hint else ""
 
 
 def moved_key(path: str) -> str | None:
@@ -218,9 +232,7 @@ class _Walk:
         return None
 
     def unknown(self, path: str, value, fields: list[str], prefix: str) -> None:
-        close = difflib.get_close_matches(path[len(prefix):], fields, n=1, cutoff=0.6)
-        moved = None if close else moved_key(path)
-        hint = f" (did you mean {prefix}{close[0]}?)" if close else (f" (did you mean {moved}?)" if moved else "")
+        hint = suggestion(path, fields)
         self.problems.append(f"unknown key {path}{hint}: got {path}={fmt(value)}; the keys of "
                              f"{prefix[:-1] or 'the config'} are: {', '.join(fields)}")
 

@@ -34,13 +34,15 @@ from residual_exp.methods import build_adapter  # noqa: E402
 from residual_exp.tables import text_table  # noqa: E402
 
 
+
 def backbone(arch: str, image_size: int | None):
     return build_backbone(backbone_cfg(arch, image_size)).eval()
 
 
 def adapted(bb, method: str, enc: Encoded) -> AdaptedModel:
     ub, ob = fit(enc.source, enc, bb.output_dim)
-    ad = build_adapter(method_cfg(method), enc.source, bb.output_dim, ub, ob, seed=0).double()
+    mc = method_cfg(method)
+    ad = build_adapter(mc, enc.source, bb.output_dim, ub, ob, seed=0, units=mc.units, rank=mc).double()
     state = ad.state_dict()
     folded = fold(method, state, bb.double().readout(), "lowrank", method_cfg(method).others)
     bb.float()

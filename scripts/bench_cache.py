@@ -36,6 +36,7 @@ from residual_exp.spectral import GroupPCA, StreamingPCA  # noqa: E402
 from residual_exp.tables import text_table  # noqa: E402
 from residual_exp.train.data import prepare_encoded  # noqa: E402
 
+
 def backbone_cfg(arch: str, image_size: int | None = None):
     """A random-weight model config for ``arch``: an open_clip architecture, or ``TINY`` (the
     embedded tiny CLIP's architecture, what --smoke runs)."""
@@ -128,7 +129,8 @@ def main() -> None:
             res = {}
             for k, e in encs.items():
                 ub, ob = bases[k]
-                ad = build_adapter(method_cfg(method), e.source, bb.output_dim, ub, ob, seed=0).float()
+                mc = method_cfg(method)
+                ad = build_adapter(mc, e.source, bb.output_dim, ub, ob, seed=0, units=mc.units, rank=mc).float()
                 t = time.perf_counter()
                 data = prepare_encoded(ad, e, torch.float32)
                 prep = (time.perf_counter() - t) / args.samples * 1e6

@@ -44,6 +44,7 @@ from residual_exp.train.fit import fit_and_test  # noqa: E402
 from residual_exp.train.module import AdapterModule  # noqa: E402
 
 
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,7 +113,7 @@ def training_section(bb, device, n_train: int, n_val: int, n_test: int, epochs: 
     cfg = OmegaConf.create(dict(name="residual_full", units="heads+mlps", others="add", evr=None, k=None,
                                 dropped_value=0.0, init="normal", lr=0.8, batch_size=batch, weight_decay=0.0,
                                 grad_clip=None, cache=True))
-    ad = build_adapter(cfg, src, bb.output_dim, ub, ob, seed=0).float().to(device)
+    ad = build_adapter(cfg, src, bb.output_dim, ub, ob, seed=0, units=cfg.units, rank=cfg).float().to(device)
     head = ClassifierHead(torch.randn(100, bb.output_dim), 100.0)
     t = time.perf_counter()
     prepared = {k: prepare_encoded(ad, e, torch.float32, device=device) for k, e in data.items()}

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # this checkout's package (children too)
 
 MODELS = {
@@ -88,7 +89,8 @@ def _one(mode: str, model: str, args) -> dict:
         head = ClassifierHead(zero_shot_weights(bb, splits["train"].classnames, splits["train"].templates,
                                                 device, progress=False).float(), bb.logit_scale)
         times["bases"] = time.perf_counter() - t
-        adapter = build_adapter(methcfg, source_for(bb, "lowrank"), bb.output_dim, ub, ob, seed=0).float()
+        adapter = build_adapter(methcfg, source_for(bb, "lowrank"), bb.output_dim, ub, ob, seed=0, units=methcfg.units,
+                                rank=methcfg).float()
         t = time.perf_counter()
         if mode == "cached":
             enc = {s: encode_split(bb, splits[s], cache, ident(s, splits[s]), device, args.batch, progress=False)

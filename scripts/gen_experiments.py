@@ -10,7 +10,11 @@ Writes
 * ``sweep/paper.yaml``               the full grid, 70 pairs x 7 methods (``-m +experiment=sweep/paper``);
 * ``sweep/paper_<model>.yaml``       one model, all datasets and methods;
 * ``sweep/paper_<method>.yaml``      one method, all models and datasets;
-* ``sweep/synthetic.yaml``           tiny_clip x the five shapes tasks x 7 methods, fast + CSV (offline, CPU).
+* ``sweep/synthetic.yaml``           tiny_clip x the five shapes tasks x 7 methods, fast + CSV (offline, CPU);
+* ``ablation/<grid>.yaml``           the ablation grids (:data:`ABLATIONS`: rank, units, reference, lr, init) on
+  the chosen model and dataset (``-m +experiment=ablation/rank [model=… dataset=…]``);
+* ``ablation/all.yaml``              their union, one job per distinct cell: it sweeps the config group
+  ``ablation`` (``conf/ablation/<cell>.yaml``, one ``# @package _global_`` file per cell, also written here).
 
 Paper runs fit the PCA bases on ImageNet train (``override /pca: imagenet``) and log to W&B.
 Every file is a ``# @package _global_`` preset that only lists what changes; command-line
@@ -23,7 +27,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "residual_exp" / "conf" / "experiment"
+CONF = ROOT / "residual_exp" / "conf"
+OUT = CONF / "experiment"
 sys.path.insert(0, str(ROOT))
 from residual_exp.catalog import grid, method_order  # noqa: E402
 from residual_exp.tables import text_table  # noqa: E402
@@ -52,15 +57,83 @@ def single(model: str, dataset: str) -> str:
 
 
 def sweep(name: str, doc: str, params: dict[str, tuple[str, ...]], defaults: str = PAPER_DEFAULTS,
-          extra: str = "") -> str:
+          extra: str = "", command: str | None = None) -> str:
     n = 1
     for v in params.values():
         n *= len(v)
-    lines = [HEADER + f"# {doc} ({n} jobs). Run with -m:  python -m residual_exp -m +experiment=sweep/{name}\n",
+    lines = [HEADER + f"# {doc} ({n} jobs). Run with -m:  python -m residual_exp -m "
+                      f"+experiment={command or 'sweep/' + name}\n",
              defaults, extra,
              "hydra:\n", "  sweep:\n", f"    dir: {SWEEP_DIR % name}\n", "  sweeper:\n", "    params:\n"]
     lines += [f"      {k}: {','.join(v)}\n" for k, v in params.items()]
     return "".join(lines)
+
+
+# The ablation grids (CPU-sized for the embedded set; every method and group option is a catalog name).
+# Each grid: what it answers, then the swept keys (a cartesian product) on top of FIXED (None: the
+# method's own choice, or the command line's: pca=imagenet for real datasets).
+FIXED = {"method": "residual_full", "units": None, "rank": None, "pca": None, "method.lr": None,
+         "method.init": None, "seed": "0"}
+ABLATIONS = {
+    "rank": ("how many principal components are needed: accuracy vs kept components, heads vs heads+MLPs",
+             {"units": ("heads", "heads_mlps"), "rank": ("evr50", "evr80", "evr90", "evr99", "all")}),
+    "units": ("which units to reweight: heads, MLPs, both, every unit", {"units": ("heads", "mlps", "heads_mlps", "all")}),
+    "reference": ("where the bases are fitted: a reference set (ImageNet's role; pca=imagenet for real datasets) "
+                  "vs the target's own train split", {"method": ("residual_fine", "residual_full"),
+                                                      "pca": ("reference", "target")}),
+    "lr": ("sensitivity to the learning rate (2 seeds)", {"method.lr": ("0.01", "0.1", "0.8", "3.0"), "seed": ("0", "1")}),
+    "init": ("sensitivity to the λ initialisation (2 seeds)", {"method.init": ("normal", "ones", "eigenvalues"),
+                                                               "seed": ("0", "1")}),
+}
+GROUPS = ("method", "units", "rank", "pca")          # keys that choose a config group option
+ABLATION_DEFAULTS = "defaults:\n  - override /method: residual_full\n"
+ABLATION_DOC = ("# On the chosen model and dataset (default: the embedded tiny CLIP on shapes_shape; model=…,\n"
+                "# dataset=…, pca=imagenet for real datasets); add trainer=fast for short runs. Resumable like every\n"
+                "# sweep; python -m residual_exp task=report sweep_dir=<the sweep folder> draws its figures.\n")
+
+
+def _defaults(method: str) -> dict[str, str]:
+    """What a cell of ``method`` gets for each FIXED key it leaves open (the composed config's choice)."""
+    from hydra import compose, initialize_config_dir
+
+    from residual_exp.config import register_configs
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"method={method}"], return_hydra_config=True)
+    choice = cfg.hydra.runtime.choices
+    return {"units": choice["units"], "rank": choice["rank"], "pca": choice["pca"],
+            "method.lr": f"{cfg.method.lr:g}", "method.init": str(cfg.method.init), "seed": str(cfg.seed)}
+
+
+def _cells() -> dict[str, dict[str, str]]:
+    """Every distinct cell of the ablation grids: ``{name: {key: value}}`` (open keys as the method's
+    defaults, so that a cell two grids share is run once)."""
+    import itertools
+    cells: dict[str, dict[str, str]] = {}
+    defaults: dict[str, dict[str, str]] = {}
+    for grid, (_, params) in ABLATIONS.items():
+        for values in itertools.product(*params.values()):
+            cell = {**FIXED, **dict(zip(params, values))}
+            full = {**defaults.setdefault(cell["method"], _defaults(cell["method"])),
+                    **{k: v for k, v in cell.items() if v is not None}}
+            if full not in cells.values():
+                cells["_".join(str(full[k]).replace(".", "p") for k in FIXED)] = full
+    return cells
+
+
+def cell_file(cell: dict[str, str]) -> str:
+    lines = [HEADER.replace("# @package _global_\n", "# @package _global_\n# One cell of the ablation grids "
+                            "(+experiment=ablation/all sweeps them all).\n"), "defaults:\n"]
+    lines += [f"  - override /{k}: {cell[k]}\n" for k in GROUPS]
+    lines += [f"seed: {cell['seed']}\n", "method:\n", f"  lr: {cell['method.lr']}\n", f"  init: {cell['method.init']}\n"]
+    return "".join(lines)
+
+
+def ablation(grid: str) -> str:
+    doc, params = ABLATIONS[grid]
+    fixed = ", ".join(f"{k}={v}" for k, v in FIXED.items() if k not in params and v is not None)
+    return sweep(f"ablation_{grid}", f"Ablation '{grid}': {doc}; {fixed}", params, defaults=ABLATION_DEFAULTS,
+                 extra=ABLATION_DOC, command=f"ablation/{grid}")
 
 
 def presets() -> dict[str, str]:
@@ -84,6 +157,14 @@ def presets() -> dict[str, str]:
         extra="dataset:                         # smaller than the shapes defaults: finetune runs the\n"
               "  params:                        # backbone every step, ~1 min per task on 2 CPU cores\n"
               "    n_train: 1000\n    n_val: 500\n    n_test: 1000\n    n_reference: 2000\n")
+    for grid in ABLATIONS:
+        files[f"ablation/{grid}.yaml"] = ablation(grid)
+    cells = _cells()
+    files["ablation/all.yaml"] = sweep("ablation_all", f"Every ablation grid ({', '.join(ABLATIONS)}), one job per "
+                                       "distinct cell", {"+ablation": tuple(cells)}, defaults="", extra=ABLATION_DOC,
+                                       command="ablation/all")
+    for name, cell in cells.items():
+        files[f"../ablation/{name}.yaml"] = cell_file(cell)
     return files
 
 

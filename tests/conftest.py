@@ -20,6 +20,13 @@ TINY_DATA = ["dataset.params.n_train=200", "dataset.params.n_val=100", "dataset.
              "dataset.params.n_reference=200"]
 
 
+def build_adapter_of(method, *args, **kwargs):
+    """``build_adapter`` for a hand-made method node that carries its units and rank itself
+    (``{name, units: heads, evr: 0.9, k: null, …}``), as the unit tests write them."""
+    from residual_exp.methods import build_adapter
+    return build_adapter(method, *args, units=method.units, rank=method, **kwargs)
+
+
 def compose_cfg(overrides: list[str], tmp_path: Path | None = None):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

@@ -35,7 +35,10 @@ def load_run(run_dir: Path):
     missing = [k for k in schemas if k not in conf]
     if missing:
         raise ValueError(f"{run_dir}/config.json lacks {missing}: not the config of a task=train run")
-    run = OmegaConf.create({k: OmegaConf.merge(OmegaConf.structured(v), conf[k]) for k, v in schemas.items()})
+    known = lambda schema, d: {k: v for k, v in d.items() if k in schema.__dataclass_fields__}   # older configs too
+    run = OmegaConf.create({k: OmegaConf.merge(OmegaConf.structured(v), known(v, conf[k])) for k, v in schemas.items()})
+    method = conf["method"]          # runs before the rank group kept evr / k in the method node
+    run.rank = conf.get("rank") or {"name": "legacy", "evr": method.get("evr"), "k": method.get("k")}
     run.seed = int(conf.get("seed", 0))
     run.compat = str(conf.get("compat", "none"))
     return load_lambda(run_dir), run
@@ -49,21 +52,22 @@ def run_report(trained: TrainedLambda, run, session, unit_basis, output_basis, a
     if trained.mask is None or trained.lam is None or trained.lam.ndim != 2:
         return lines + coarse_report(trained, out, n_lambda)
     layout = session.backbone.layout
-    basis = output_basis if trained.units == ["output"] else unit_basis.select([layout.index(n) for n in trained.units])
-    basis = basis.prune(evr=run.method.evr, k=run.method.k, **prune_rule(run.conventions.evr_rule, run.compat))
+    units = [] if trained.units == ["output"] else [layout.index(n) for n in trained.units]
+    basis = unit_basis.select(units) if units else output_basis
+    basis = basis.prune(evr=run.rank.evr, k=run.rank.k, **prune_rule(run.conventions.evr_rule, run.compat))
     basis = basis.compact().to(device="cpu")
-    lam_init = initial_lambda(run, session, unit_basis, output_basis, trained.lam.shape)
+    lam_init = initial_lambda(run, session, unit_basis, output_basis, trained.lam.shape, units)
     return lines + spectral_report(trained, basis, layout, atoms, texts, lam_init, out, run.dataset.name, n_lambda,
                                    n_descriptions)
 
 
-def initial_lambda(run, session, unit_basis, output_basis, shape) -> torch.Tensor | None:
+def initial_lambda(run, session, unit_basis, output_basis, shape, units=()) -> torch.Tensor | None:
     """The seeded initial λ of the run, rebuilt exactly as ``task=train`` built it (so that
     Δλ is what training changed), or None when it cannot be rebuilt."""
     try:
         adapter = build_adapter(run.method, session.source, session.backbone.output_dim, unit_basis, output_basis,
                                 backbone=session.backbone, seed=run.seed, evr_rule=run.conventions.evr_rule,
-                                compat=run.compat)
+                                compat=run.compat, units=units, rank=run.rank)
     except Exception as e:  # diagnostic only: the report falls back to λ_init = 1
         log.warning("could not rebuild the initial λ: %s", e)
         return None

@@ -14,7 +14,7 @@ from .specs import (FAMILIES, SPEC_TYPES, DatasetSpec, FamilySpec, MethodSpec, M
 from .values import (COARSE_OTHERS, EVAL_SPLITS, OUTPUT_UNITS, RUN_SPLITS, SEED_MAX, TRAINER_PRECISIONS, UNIT_GROUPS, UNITS_WHAT,
                      Ablation,
                      Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind, CacheLayout, CheckDtype, Compat,
-                     CrossModel, Estimator, EvrRule, Init, ModelPrecision, Needs, Others, Protocol, Prototype, Score,
+                     CrossModel, Estimator, EvrRule, Init, ModelPrecision, Needs, Others, Protocol, Prototype, Score, Selection,
                      SimilarityUnweighted, SimilarityWeights, Split, UnitConvention, UnitKind, Variant, Verify, names,
                      unit_selection)
 
@@ -22,5 +22,5 @@ __all__ = ["rule", "FAMILIES", "SPEC_TYPES", "DatasetSpec", "FamilySpec", "Metho
            "needs_bases", "method_order", "grid", "COARSE_OTHERS", "option", "options", "spec", "spec_of", "EVAL_SPLITS", "OUTPUT_UNITS", "RUN_SPLITS", "SEED_MAX",
            "TRAINER_PRECISIONS", "UNIT_GROUPS", "UNITS_WHAT", "unit_selection", "Ablation", "Accelerator", "ActsOn", "CacheAction", "CacheDtype",
            "CacheKind", "CacheLayout", "CheckDtype", "Compat", "CrossModel", "Estimator", "EvrRule", "Init",
-           "ModelPrecision", "Needs", "Others", "Protocol", "Prototype", "Score", "SimilarityUnweighted",
+           "ModelPrecision", "Needs", "Others", "Protocol", "Prototype", "Score", "Selection", "SimilarityUnweighted",
            "SimilarityWeights", "Split", "UnitConvention", "UnitKind", "Variant", "Verify", "names"]

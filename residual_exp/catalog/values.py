@@ -82,7 +82,16 @@ class UnitKind(StrEnum):
     const = "const"
 
 
-# Named unit selections of ``method.units`` (unit kinds may also be joined with '+': head+const);
+class Selection(StrEnum):
+    """How a ``units`` option picks the units a method reweights (conf/units/)."""
+    kinds = "kinds"                # every unit of the given kinds
+    layers = "layers"              # the given kinds within a layer range
+    names = "names"                # glob patterns over the unit names (L11H*, L10.mlp)
+    coarse_top = "coarse_top"      # the top heads a coarse_selection analysis ranked
+    output = "output"              # none: output methods read the model's feature
+
+
+# Named unit selections of the analyses' ``units`` keys (unit kinds may also be joined with '+': head+const);
 # output methods read the model's feature instead of units.
 UNIT_GROUPS = ("heads", "mlps", "heads+mlps", "all")
 OUTPUT_UNITS = "output"

@@ -24,12 +24,17 @@ def adapter_class(method_cfg) -> type[Adapter]:
 
 
 def build_adapter(method_cfg, source, output_dim: int, unit_bases=None, output_basis=None,
-                  backbone=None, seed: int = 0, evr_rule: str = "strict", compat: str = "none") -> Adapter:
+                  backbone=None, seed: int = 0, evr_rule: str = "strict", compat: str = "none",
+                  units=(), rank=None) -> Adapter:
     """The adapter of ``method_cfg`` reading units through ``source`` (a
-    :class:`~residual_exp.decompose.readout.UnitSource`); bases are required when
-    :func:`~residual_exp.catalog.needs_bases`.  ``compat="official"`` reproduces the official
-    code's bugs (a)-(d)."""
+    :class:`~residual_exp.decompose.readout.UnitSource`) and reweighting ``units`` (layout indices, or
+    kinds such as ``"heads"`` / ``"head+mlp"``; :func:`~residual_exp.decompose.selection.select`
+    resolves a ``units`` config node) with the components ``rank`` keeps (a node with ``evr`` / ``k``;
+    None: all); bases are required when :func:`~residual_exp.catalog.needs_bases`.
+    ``compat="official"`` reproduces the official code's bugs (a)-(d)."""
     if needs_bases(method_cfg) and (unit_bases is None or output_basis is None):
         raise ValueError(f"method {method_cfg.name} needs PCA bases")
-    ctx = Context(source, output_dim, unit_bases, output_basis, backbone, seed, evr_rule, compat)
+    selected = source.layout.indices(units) if isinstance(units, str) else [int(u) for u in units]
+    ctx = Context(source, output_dim, selected, rank.evr if rank is not None else None,
+                  rank.k if rank is not None else None, unit_bases, output_basis, backbone, seed, evr_rule, compat)
     return adapter_class(method_cfg).build(method_cfg, ctx)

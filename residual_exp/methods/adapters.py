@@ -142,10 +142,9 @@ class _Rest(Adapter):
     @staticmethod
     def selection(cfg, ctx: Context) -> tuple[list[int], torch.Tensor | None]:
         """``(selected unit indices, Σ of the reference means of the others or None)``."""
-        layout = ctx.source.layout
-        selected = layout.indices(cfg.units)
+        layout, selected = ctx.source.layout, list(ctx.selected)
         if not selected:
-            raise ValueError(f"method.units={cfg.units!r} selects no unit")
+            raise ValueError(f"method={cfg.name} reweights residual units, and none is selected")
         others = [i for i in range(len(layout)) if i not in set(selected)]
         other_mean = ctx.unit_bases.mean[others].sum(0) if ctx.unit_bases is not None and others else None  # [D]
         return selected, other_mean
@@ -266,7 +265,7 @@ class SpectralReweighting(_Rest):
         # then reconstructed with their transpose (bug b)
         square = ctx.official and max(b.num_components for _, _, b in blocks) == ctx.unit_bases.dim
         rule = prune_rule(ctx.evr_rule, ctx.compat)
-        blocks = [(grp, idx, b.prune(evr=cfg.evr, k=cfg.k, **rule).compact()) for grp, idx, b in blocks]
+        blocks = [(grp, idx, b.prune(evr=ctx.evr, k=ctx.k, **rule).compact()) for grp, idx, b in blocks]
         return cls(blocks, ctx.source, len(ctx.source.layout), others=cfg.others, other_mean=other_mean,
                    dropped_value=cfg.dropped_value, init=cfg.init, generator=ctx.generator(),
                    square_transpose=square, batch_mean=ctx.official)
@@ -278,6 +277,9 @@ class SpectralReweighting(_Rest):
     def lambda_values(self) -> torch.Tensor:
         with torch.no_grad():
             return self.lambdas().detach()[self.mask.bool()].flatten().float().cpu()
+
+    def kept_components(self) -> int:
+        return int(self.mask.sum())
 
     @staticmethod
     def _flat(st: dict, dropped_value: float) -> torch.Tensor:
@@ -336,7 +338,7 @@ class OutputSpectral(SpectralReweighting):
 
     @classmethod
     def build(cls, cfg, ctx: Context) -> "OutputSpectral":
-        basis = ctx.output_basis.prune(evr=cfg.evr, k=cfg.k, **prune_rule(ctx.evr_rule, ctx.compat))
+        basis = ctx.output_basis.prune(evr=ctx.evr, k=ctx.k, **prune_rule(ctx.evr_rule, ctx.compat))
         basis = coordinate_basis(basis) if ctx.official else basis.compact()
         return cls([("output", [0], basis)], None, 1, dropped_value=cfg.dropped_value, init=cfg.init,
                    generator=ctx.generator(), from_feature=True)

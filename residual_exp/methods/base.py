@@ -14,6 +14,7 @@ protocol — no code branches on a method's name:
 ``trainable_params()``      the count the results tables report
 ``lambda_state(layout)``    ``(tensors, unit names)`` written to ``lambda.safetensors``, or None
 ``lambda_values()``         the trained λ as a flat tensor (logged as histograms), or None
+``kept_components()``       the principal components it reweights (one λ each), or None
 ``fold(state, readout, …)`` the trained adapter (its state dict) as a linear map of the decomposed
                             forward's quantities (:class:`~residual_exp.export.Folded`; classmethod)
 ``tuned_backbone(state)``   the backbone weights an export must carry (finetune), or None
@@ -21,7 +22,7 @@ protocol — no code branches on a method's name:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -35,6 +36,9 @@ class Context:
     """What an adapter may be built from, besides its config node."""
     source: Any                     # UnitSource: how the stored encodings are read as units
     output_dim: int
+    selected: list = field(default_factory=list)   # the units it reweights (layout indices; units group)
+    evr: float | None = None        # rank group: keep each unit's PCs up to this explained-variance ratio
+    k: int | None = None            # or its first k (both None: all)
     unit_bases: Any = None          # UnitBases (methods whose spec needs bases, or others=mean)
     output_basis: Any = None        # PCABasis of the output feature
     backbone: Any = None            # the frozen Backbone (finetune trains its tower)
@@ -70,6 +74,10 @@ class Adapter(nn.Module):
         return dict(self.state_dict()), []
 
     def lambda_values(self) -> torch.Tensor | None:
+        return None
+
+    def kept_components(self) -> int | None:
+        """Principal components it reweights (None: it has none)."""
         return None
 
     @classmethod

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..catalog import EVAL_SPLITS, RUN_SPLITS, Split, needs_bases
 from ..classifiers import top1_accuracy
+from ..decompose.selection import select
 from ..methods import build_adapter
 from ..pipeline import Session
 from ..results import (BELOW_ZERO_SHOT_MARGIN, LAMBDA_FILE, results_table, save_lambda, setting_of, write_classes,
@@ -38,6 +39,7 @@ def train(cfg: DictConfig) -> int:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     s = Session.open(cfg)
+    selected = select(cfg.units, s.backbone.layout, cfg.model.name)      # refused here, before any encoding
     splits = s.splits(cfg.dataset, RUN_SPLITS)
     log.info("%s: %s", cfg.dataset.name, {name: len(d) for name, d in splits.items()})
     enc = {name: s.encode_dataset(splits[name], cfg.dataset) for name in RUN_SPLITS}
@@ -52,7 +54,7 @@ def train(cfg: DictConfig) -> int:
     records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
                     wall_seconds=round(time.time() - t_start, 2))]
     if cfg.method.spec.trains:
-        records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir, common)))
+        records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir, common, selected)))
         warn_below_zero_shot(records[-1], zs["val"])
 
     path = write_results(records, run_dir)
@@ -72,6 +74,15 @@ def warn_below_zero_shot(rec: dict, zero_shot_val: float, margin: float = BELOW_
     return True
 
 
+def selection_record(adapter, layout, selected: list[int]) -> dict:
+    """The units a trained method reweighted (names, count) and, for λ per principal component,
+    how many components it kept (its λ count)."""
+    rec = {"selected_units": [layout.names[i] for i in selected], "n_selected_units": len(selected)}
+    if adapter.kept_components() is not None:            # spectral methods: one λ per kept PC
+        rec["kept_components"] = adapter.kept_components()
+    return rec
+
+
 def conventions_record(cfg, has_text: bool) -> dict:
     """What a result was computed under (FIDELITY.md): unit definition, classifier, EVR rule,
     compat mode, cache layout."""
@@ -80,10 +91,11 @@ def conventions_record(cfg, has_text: bool) -> dict:
             "evr_rule": c.evr_rule, "compat": cfg.compat, "cache_layout": cfg.cache.layout}
 
 
-def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path, common: dict | None = None) -> dict:
-    """Build the adapter, train it (cached tensors or backbone in the loop), test the best-val
-    checkpoint, save λ.  Returns the method's result fields (``common``: the job's shared fields,
-    for the logger's ``setting/*`` config keys and summary row)."""
+def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path, common: dict | None = None,
+                 selected: list[int] = ()) -> dict:
+    """Build the adapter on the ``selected`` units, train it (cached tensors or backbone in the loop),
+    test the best-val checkpoint, save λ.  Returns the method's result fields (``common``: the job's
+    shared fields, for the logger's ``setting/*`` config keys and summary row)."""
     t0, method = time.time(), cfg.method.name
     config = OmegaConf.to_container(cfg, resolve=True)
     setting = setting_of(config)
@@ -92,7 +104,7 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path, 
         unit_basis, output_basis = s.reference_bases()
     adapter = build_adapter(cfg.method, s.source, s.backbone.output_dim, unit_basis, output_basis,
                             backbone=s.backbone, seed=cfg.seed, evr_rule=cfg.conventions.evr_rule,
-                            compat=cfg.compat).float().to(s.device)
+                            compat=cfg.compat, units=selected, rank=cfg.rank).float().to(s.device)
     data = TrainingData(adapter, splits, enc, s.device, cache=cfg.method.cache,
                         memory_budget_gb=cfg.cache.memory_budget_gb, backbone=s.backbone, layout=s.layout)
     eval_batch = cfg.method.batch_size if s.device == "cpu" else max(cfg.method.batch_size, EVAL_BATCH_GPU)
@@ -110,7 +122,8 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path, 
         rec = dict(method=method, trainable_params=adapter.trainable_params(), val_accuracy=res.val_accuracy,
                    test_accuracy=res.test_accuracy, best_epoch=res.best_epoch, epochs=res.epochs_run,
                    lr=res.lr, wall_seconds=round(time.time() - t0, 2),
-                   **{k: setting[k] for k in ("pca_reference", "init", "max_epochs")})
+                   **{k: setting[k] for k in ("units", "rank", "pca_reference", "init", "max_epochs")},
+                   **selection_record(adapter, s.backbone.layout, selected))
         log_summary(logger, dict(fields, **rec))
         code = 0
         return rec

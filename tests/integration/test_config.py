@@ -30,14 +30,19 @@ def test_default_config_is_the_embedded_synthetic_run():
     cfg = compose_cfg([])
     assert (cfg.task.name, cfg.model.name, cfg.dataset.name, cfg.method.name) == \
         ("train", "tiny_clip", "shapes_shape", "residual_full")
-    assert cfg.method.evr is None and cfg.method.others == "add"
+    assert (cfg.units.name, list(cfg.units.kinds), cfg.rank.name) == ("heads_mlps", ["head", "mlp"], "all")
+    assert cfg.rank.evr is None and cfg.rank.k is None and cfg.method.others == "add"
     assert cfg.pca.reference is None and cfg.pca.split == "reference"     # the target's own reference split
 
 
-def test_method_presets_own_their_pruning_and_the_command_line_wins():
-    assert compose_cfg(["method=residual_fine"]).method.evr == 0.9
-    assert compose_cfg(["method=residual_fine", "method.evr=0.95"]).method.evr == 0.95
-    assert "evr" not in compose_cfg(["method=residual_fine"]).pca          # pca says where, not how many
+def test_method_presets_choose_their_units_and_rank_and_the_command_line_wins():
+    fine = compose_cfg(["method=residual_fine"])
+    assert (fine.units.name, fine.rank.name, fine.rank.evr) == ("heads", "evr90", 0.9)
+    assert compose_cfg(["method=residual_fine", "rank.evr=0.95"]).rank.evr == 0.95
+    assert compose_cfg(["method=residual_fine", "rank=k", "rank.k=4"]).rank.k == 4
+    assert compose_cfg(["method=residual_full", "units=layers", "units.layers=[3,3]"]).units.layers == [3, 3]
+    assert compose_cfg(["method=base"]).units.name == "output"
+    assert "evr" not in fine.pca and "evr" not in fine.method                # pca says where, rank how many
 
 
 def test_pca_imagenet_is_a_dataset_node_under_the_target_root():

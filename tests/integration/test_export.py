@@ -43,6 +43,7 @@ def _export(cfg, run_dir: Path) -> Path:
 def reference_module(cfg, run_dir: Path, dtype=torch.float32):
     """The training-time model: the run's adapter and head with its best checkpoint."""
     from residual_exp.data.registry import build_split
+    from residual_exp.decompose.selection import select
     from residual_exp.methods import build_adapter, needs_bases
     from residual_exp.pipeline import Session
     from residual_exp.train.data import Feed
@@ -53,7 +54,8 @@ def reference_module(cfg, run_dir: Path, dtype=torch.float32):
     head = s.classifier(cfg.dataset, split.classnames, split.templates)
     ub, ob = s.reference_bases() if needs_bases(cfg.method) else (None, None)
     adapter = build_adapter(cfg.method, s.source, s.backbone.output_dim, ub, ob, backbone=s.backbone, seed=cfg.seed,
-                            evr_rule=cfg.conventions.evr_rule, compat=cfg.compat)
+                            evr_rule=cfg.conventions.evr_rule, compat=cfg.compat,
+                            units=select(cfg.units, s.backbone.layout, cfg.model.name), rank=cfg.rank)
     module = AdapterModule(adapter, head, cfg.method.lr, feed=Feed.from_images(adapter, s.backbone, s.layout))
     if cfg.method.name != "base":
         state = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]

@@ -38,7 +38,7 @@ def test_resume_key_ignores_run_location_but_not_the_experiment(tmp_path):
         moved.paths.cache_dir = moved.cache.dir = str(tmp_path / "other_cache")
     assert resume_key(moved) == key
     different = [["seed=1"], ["trainer.max_epochs=4"], ["dataset.params.n_train=121"], ["method=residual_fine"],
-                 ["method.evr=0.5"], ["method.lr=0.1"], ["cache.dtype=float16"], ["dataset=shapes_color"],
+                 ["rank=evr", "rank.evr=0.5"], ["method.lr=0.1"], ["cache.dtype=float16"], ["dataset=shapes_color"],
                  ["model.pretrained=embedded"]]
     keys = {resume_key(_cfg(tmp_path, *o)) for o in different}
     assert key not in keys and len(keys) == len(different)

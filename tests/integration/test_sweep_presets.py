@@ -52,7 +52,7 @@ def _check_paper_cell(cfg, model, dataset, method):
     assert cfg.logger._target_.endswith("WandbLogger")
     assert cfg.resume is True
     if method == "residual_fine":
-        assert cfg.method.evr == 0.9            # the method preset still applies on top of pca=imagenet
+        assert cfg.rank.evr == 0.9              # the method preset still applies on top of pca=imagenet
 
 
 def test_every_pair_of_the_paper_grid_composes():
@@ -107,7 +107,7 @@ def test_single_run_presets():
     assert (cfg.model.name, cfg.dataset.name, cfg.pca.reference.name) == ("openclip_l", "cifar10", "imagenet")
     assert cfg.logger._target_.endswith("WandbLogger") and cfg.method.name == "residual_full"
     cfg = compose_cfg(["+experiment=paper/dinov2_l_svhn", "method=residual_fine", "logger=none"])
-    assert (cfg.model.name, cfg.dataset.name, cfg.method.evr, cfg.logger._target_) == ("dinov2_l", "svhn", 0.9, None)
+    assert (cfg.model.name, cfg.dataset.name, cfg.rank.evr, cfg.logger._target_) == ("dinov2_l", "svhn", 0.9, None)
 
 
 def test_synthetic_grid_is_offline_and_cpu_sized():

@@ -14,7 +14,7 @@ from residual_exp.run import run
 from residual_exp.validate import ConfigError, validate
 from tests.conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "dataset", "method", "pca", "trainer", "logger", "task", "analysis"]
+GROUPS = ["model", "dataset", "method", "pca", "units", "rank", "trainer", "logger", "task", "analysis"]
 
 
 def _options(group: str) -> list[str]:
@@ -104,7 +104,17 @@ def _needs(group: str, option: str, tmp_path) -> list[str]:
         return [f"model_dir={tmp_path}"]
     if group == "task" and option == "dashboard":
         return [f"sweep_dir={tmp_path}"]
+    if group == "units":      # the selections that need their argument; output is for output methods
+        return {"layers": ["units.layers=[2,3]"], "names": ["units.include=[L3H*]"], "output": ["method=base"],
+                "coarse_top": [f"units.run_dir={_coarse_run(tmp_path)}"]}.get(option, [])
     return []
+
+
+def _coarse_run(tmp_path):
+    """A folder holding what a coarse_selection analysis writes (head_scores.csv)."""
+    (tmp_path / "head_scores.csv").write_text("model,unit,layer,head,zero_shot,zero_shot_rank\n"
+                                              "tiny_clip,L0H0,0,0,0.5,1\n")
+    return tmp_path
 
 
 def test_default_config_validates():
@@ -119,11 +129,18 @@ def test_every_group_option_validates(group, option, tmp_path):
     validate(compose_cfg(overrides))
 
 
+@pytest.mark.parametrize("cell", _options("ablation"))
+def test_every_ablation_cell_validates(cell):
+    cfg = compose_cfg([f"+ablation={cell}"])
+    validate(cfg)
+    assert cfg.method.name == cell.split("_")[0] + "_" + cell.split("_")[1]
+
+
 def test_task_analysis_without_an_analysis_is_left_to_the_task():
     validate(compose_cfg(["task=analysis"]))          # the task prints the analyses and returns 2
 
 
-@pytest.mark.parametrize("preset", [f"{d}/{p.stem}" for d in ("paper", "sweep")
+@pytest.mark.parametrize("preset", [f"{d}/{p.stem}" for d in ("paper", "sweep", "ablation")
                                     for p in sorted((CONF / "experiment" / d).glob("*.yaml"))])
 def test_every_experiment_preset_validates(preset):
     validate(compose_cfg([f"+experiment={preset}"]))
@@ -139,9 +156,11 @@ def test_every_method_of_the_paper_protocol_validates(method):
     ["method=base", "method.cache=false"],             # pointless but allowed
     ["method=base", "method.lr=-5"],                   # base trains nothing: lr unused
     ["method=linear_adapter", "method.init=identity"],
-    ["method=residual_full", "method.units=head+const", "method.others=mean"],
-    ["method=residual_fine", "method.evr=null", "method.k=4"],
-    ["method=residual_full", "method.init=eigenvalues", "method.evr=1.0"],
+    ["method=residual_full", "units=all", "conventions.units=centred", "method.others=mean"],
+    ["method=residual_fine", "rank=k", "rank.k=4"],
+    ["method=residual_full", "units=layers", "units.layers=[3,3]", "units.kinds=[head]"],
+    ["method=residual_full", "units=names", "units.include=[L3H*,L2.mlp]", "units.exclude=[L3H0]"],
+    ["method=residual_full", "method.init=eigenvalues", "rank=evr", "rank.evr=1.0"],
     ["+model.params.anything=1", "+dataset.params.whatever={a:1}", "logger=csv", "+logger.flush_logs_every_n_steps=5"],
     ["pca=imagenet", "dataset@pca.reference=sun397", "pca.max_samples=2"],
     ["device=cpu", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed", "trainer.cpu_threads=1"],
@@ -172,10 +191,17 @@ def test_valid_variations_validate(overrides):
     (["method.batch_size=0"], ["method.batch_size=0", "≥ 1"]),
     (["method.weight_decay=-0.1"], ["method.weight_decay=-0.1", "≥ 0"]),
     (["method.grad_clip=0"], ["method.grad_clip=0.0", "null or a finite number > 0"]),
-    (["method.evr=1.5"], ["method.evr=1.5", "(0, 1]"]),
-    (["method.evr=0"], ["method.evr=0.0", "(0, 1]"]),
-    (["method.k=0"], ["method.k=0", "≥ 1"]),
-    (["method=residual_fine", "method.k=5"], ["method.k=5", "not both"]),
+    (["rank=evr", "rank.evr=1.5"], ["rank.evr=1.5", "(0, 1]"]),
+    (["rank=evr", "rank.evr=0"], ["rank.evr=0.0", "(0, 1]"]),
+    (["rank=k", "rank.k=0"], ["rank.k=0", "≥ 1"]),
+    (["method=residual_fine", "rank.k=5"], ["rank.k=5", "not both"]),
+    (["units=layers"], ["units.layers=null", "units.layers=[first,last]"]),
+    (["units=layers", "units.layers=[3,1]"], ["units.layers=[3,1]", "first ≤ last"]),
+    (["units=layers", "units.layers=[5,9]"], ["units=layers", "selects no unit", "4 layers × 4 heads"]),
+    (["units=names", "units.include=[L9*]"], ["units=names", "L9*", "selects no unit"]),
+    (["units=names"], ["units.include=[]", "units.include=[L11H*,L10.mlp]"]),
+    (["units=coarse_top"], ["units.run_dir=null", "coarse_selection"]),
+    (["units=coarse_top", "units.fraction=0"], ["units.fraction=0.0", "(0, 1]"]),
     (["method.dropped_value=nan"], ["method.dropped_value=nan", "finite"]),
     (["dataset.batch_size=0"], ["dataset.batch_size=0", "≥ 1"]),
     (["dataset.num_workers=-1"], ["dataset.num_workers=-1", "≥ 0"]),
@@ -215,8 +241,10 @@ def test_types_and_ranges(overrides, expected):
     (["device=gpu"], ["device=gpu", "auto | cpu | cuda | cuda:N"]),
     (["device=cuda:x"], ["device=cuda:x", "cuda:N"]),
     (["method.name=residual_medium"], ["method.name=residual_medium", "residual_full"]),
-    (["method.units=heeds"], ["method.units=heeds", "heads+mlps", "embed | head | mlp | const"]),
-    (["method.units=head+bias"], ["method.units=head+bias"]),
+    (["units=heeds"], ["units=heeds", "not a units config", "heads_mlps"]),
+    (["units.kinds=[head,bias]"], ["units.kinds", "embed | head | mlp | const"]),
+    (["method.units=heads"], ["unknown key method.units", "did you mean units=NAME"]),
+    (["method.evr=0.9"], ["unknown key method.evr", "did you mean rank=evr rank.evr=X"]),
     (["method.others=sometimes"], ["method.others=sometimes", "drop | mean | add"]),
     (["method.init=zeros"], ["method.init=zeros", "normal | ones | eigenvalues"]),
     (["cache.layout=sparse"], ["cache.layout=sparse", "lowrank | dense"]),
@@ -263,12 +291,12 @@ def test_enums(overrides, expected):
 
 # --- combinations ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,expected", [
-    (["method=base", "method.units=heads"], ["method.units=heads", "method=base", "must be output"]),
-    (["method=finetune", "method.units=all"], ["method.units=all", "must be output"]),
-    (["method=linear_adapter", "method.units=heads"], ["method.units=heads", "must be output"]),
-    (["method=spectral_adapter", "method.units=mlps"], ["method.units=mlps", "must be output"]),
-    (["method=residual_coarse", "method.units=output"], ["method.units=output", "not output"]),
-    (["method=residual_full", "method.units=output"], ["method.units=output", "not output"]),
+    (["method=base", "units=heads"], ["units=heads", "method=base", "takes units=output"]),
+    (["method=finetune", "units=all"], ["units=all", "takes units=output"]),
+    (["method=linear_adapter", "units=heads"], ["units=heads", "takes units=output"]),
+    (["method=spectral_adapter", "units=mlps"], ["units=mlps", "takes units=output"]),
+    (["method=residual_coarse", "units=output"], ["units=output", "not output"]),
+    (["method=residual_full", "units=output"], ["units=output", "not output"]),
     (["method=spectral_adapter", "method.others=mean"], ["method.others=mean", "residual_*"]),
     (["method=base", "method.others=mean"], ["method.others=mean", "residual_*"]),
     (["method=residual_coarse", "method.init=eigenvalues"], ["method.init=eigenvalues", "residual_coarse"]),
@@ -350,15 +378,15 @@ def _cli(args, tmp_path):
     (["trainer.max_epochs=0"], "error: trainer.max_epochs=0: must be an integer ≥ 1"),
     (["+method.lrr=1"], "error: unknown key method.lrr (did you mean method.lr?)"),
     # refused by Hydra while composing, reported in our words (residual_exp/overrides.py)
-    (["pca.k=0"], "error: unknown key pca.k (did you mean method.k?): got pca.k=0; the keys of pca are:"),
+    (["pca.k=0"], "error: unknown key pca.k (did you mean rank.k?): got pca.k=0; the keys of pca are:"),
     (["trainer.lr=-1"], "error: unknown key trainer.lr (did you mean method.lr?)"),
-    (["+pca.evr=0.5"], "error: unknown key pca.evr (did you mean method.evr?)"),
+    (["+pca.evr=0.5"], "error: unknown key pca.evr (did you mean rank.evr?)"),
     (["model=nope"], "error: model=nope: not a model config; must be one of blip_l_flickr | clip_b"),
     (["task=report", "task.format=xml"], "error: unknown key task.format: got task.format=xml; the keys of task (report)"),
     (["pca.reference=nope"], "error: pca.reference=nope: a dataset config is expected: select one with dataset@pca.reference=NAME"),
-    (["method.k=[1"], "error: cannot parse the command line"),
+    (["rank.k=[1"], "error: cannot parse the command line"),
     (["-m", "method=base,nope"], "error: method=nope: not a method config"),
-    (["method=base", "method.units=heads"], "error: method.units=heads"),
+    (["method=base", "units=heads"], "error: units=heads"),
     (["compat=official", "conventions.units=centred"], "error: conventions.units=centred"),
     (["device=quantum", "seed=-1"], "error: device=quantum"),
 ])
@@ -398,7 +426,7 @@ def test_precheck_expands_sweeps_and_leaves_hydra_flags_alone():
         "hydra/launcher=nope: not a hydra/launcher config; must be one of basic | slurm | submitit_local | submitit_slurm"]
     problems = precheck(["-m", "method=base,nope", "seed=range(0,2)", "pca.k=1"])
     assert problems == [
-        "unknown key pca.k (did you mean method.k?): got pca.k=1; the keys of pca are: reference, split, "
+        "unknown key pca.k (did you mean rank.k?): got pca.k=1; the keys of pca are: reference, split, "
         "max_samples (a '+' would only add a key nothing reads)",
         "method=nope: not a method config; must be one of base | finetune | linear_adapter | residual_coarse | "
         "residual_fine | residual_full | spectral_adapter"], problems

@@ -9,9 +9,10 @@ from residual_exp.cache import Cache
 from residual_exp.classifiers import ClassifierHead
 from residual_exp.data.registry import build_split
 from residual_exp.encode import dataset_identity, encode_split, fit_bases, model_identity
-from residual_exp.methods import build_adapter
 from residual_exp.train.data import Feed, ImageItems, StreamedEncoded, batches, prepare_encoded
 from residual_exp.train.module import AdapterModule
+from tests.conftest import build_adapter_of
+
 
 MODEL = OmegaConf.create(dict(name="tiny_clip", family="tiny_clip", arch="tiny-clip", pretrained=None, weights=None, image_size=None, precision="auto",
                               logit_scale=100.0, cache_dir=None, params={}))
@@ -42,7 +43,7 @@ def test_cached_and_backbone_in_the_loop_give_the_same_logits(setup, method, uni
     mcfg = OmegaConf.create(dict(name=method, units=units, others=others, evr=0.9 if method == "residual_fine" else None,
                                  k=None, dropped_value=0.0, init="default" if method == "linear_adapter" else "normal",
                                  lr=0.8, batch_size=64, weight_decay=0.0, grad_clip=None, cache=True))
-    adapter = build_adapter(mcfg, enc.source, bb.output_dim, ub, ob, seed=0).double()
+    adapter = build_adapter_of(mcfg, enc.source, bb.output_dim, ub, ob, seed=0).double()
     head = ClassifierHead(torch.randn(8, bb.output_dim, dtype=torch.float64), 50.0)
     cached = AdapterModule(adapter, head, 0.1)
     live = AdapterModule(adapter, head, 0.1, feed=Feed.from_images(adapter, bb))

@@ -23,9 +23,10 @@ from omegaconf import OmegaConf
 from residual_exp.classifiers import ClassifierHead, class_means
 from residual_exp.decompose.readout import DenseSource
 from residual_exp.decompose.units import UnitLayout
-from residual_exp.methods import build_adapter
 from residual_exp.spectral import GroupPCA, StreamingPCA, num_components_for_evr
+from tests.conftest import build_adapter_of
 from tests.unit.test_decompose_tiny import images, tiny_blip_backbone, tiny_open_clip_backbone, tiny_timm_backbone
+
 
 TOL = 1e-10
 
@@ -235,13 +236,13 @@ def test_compat_a_spectral_adapter_scales_output_coordinates():
     units, feature = _data()
     src = DenseSource(LAYOUT, D, head_dim=2, width=D, dtype=torch.float64)
     ub, ob = _fit(units, feature, src)
-    ad = build_adapter(_method("spectral_adapter", units="output"), src, D, ub, ob, compat="official").double()
+    ad = build_adapter_of(_method("spectral_adapter", units="output"), src, D, ub, ob, compat="official").double()
     with torch.no_grad():
         ad.lam.copy_(torch.linspace(-1, 2, D, dtype=torch.float64))
         got = ad(**ad.prepare({"units": units, "feature": feature}))
     want = (feature - ob.mean[0]) * torch.linspace(-1, 2, D, dtype=torch.float64)
     assert (got - want).abs().max().item() <= TOL
-    paper = build_adapter(_method("spectral_adapter", units="output"), src, D, ub, ob).double()
+    paper = build_adapter_of(_method("spectral_adapter", units="output"), src, D, ub, ob).double()
     with torch.no_grad():
         paper.lam.copy_(torch.linspace(-1, 2, D, dtype=torch.float64))
         assert (paper(**paper.prepare({"units": units, "feature": feature})) - want).abs().max() > 1e-3
@@ -273,7 +274,7 @@ def test_compat_b_residual_full_reconstructs_with_the_transpose_of_square_bases(
     src = DenseSource(LAYOUT, D, head_dim=2, width=D, dtype=torch.float64)    # heads K = 2, MLPs K = D
     ub, ob = _fit(units, feature, src)
     m = _method("residual_full", units="heads+mlps", others="add")
-    ad = build_adapter(m, src, D, ub, ob, compat="official").double()
+    ad = build_adapter_of(m, src, D, ub, ob, compat="official").double()
     blocks = ub.blocks(LAYOUT.indices("heads+mlps"))
     idx = [u for _, i, _ in blocks for u in i]
     bases = [b.components[s] for _, _, b in blocks for s in range(b.num_units)]
@@ -285,7 +286,7 @@ def test_compat_b_residual_full_reconstructs_with_the_transpose_of_square_bases(
     assert ad.trainable_params() == L * H * 2 + L * D
     assert (got - want).abs().max().item() <= TOL
     # the paper's formula (default): λ = 1 reconstructs the centred selected units exactly
-    paper = build_adapter(m, src, D, ub, ob, seed=0).double()
+    paper = build_adapter_of(m, src, D, ub, ob, seed=0).double()
     with torch.no_grad():
         paper.lam.fill_(1.0)
         out = paper(**paper.prepare({"units": units, "feature": feature}))
@@ -302,8 +303,8 @@ def test_compat_d_mean_ablation_uses_the_batch_mean():
     src = DenseSource(LAYOUT, D, head_dim=D, width=D, dtype=torch.float64)
     ub, ob = _fit(units, feature, src)
     m = _method("residual_coarse", others="mean")
-    official = build_adapter(m, src, D, ub, ob, compat="official").double()
-    paper = build_adapter(m, src, D, ub, ob).double()
+    official = build_adapter_of(m, src, D, ub, ob, compat="official").double()
+    paper = build_adapter_of(m, src, D, ub, ob).double()
     heads = LAYOUT.indices("heads")
     rest = [u for u in range(U) if u not in heads]
     batch = units[:50]
@@ -322,7 +323,7 @@ def test_official_parameter_accounting():
     units, feature = _data()
     src = DenseSource(LAYOUT, D, head_dim=2, width=16, dtype=torch.float64)
     ub, ob = _fit(units, feature, src)
-    count = lambda name, **kw: build_adapter(_method(name, **kw), src, D, ub, ob).trainable_params()
+    count = lambda name, **kw: build_adapter_of(_method(name, **kw), src, D, ub, ob).trainable_params()
     assert count("base", units="output") == 0
     assert count("linear_adapter", units="output", init="default") == D * D + D
     assert count("spectral_adapter", units="output") == D
@@ -357,8 +358,10 @@ def test_paper_presets_compose_to_the_official_protocol(method):
     for pair in ("clip_b_cifar10", "vit_l_sun397", "blip_l_flickr_svhn"):
         cfg = compose_cfg([f"+experiment=paper/{pair}", f"method={method}"])
         lr, batch, init, units, others, evr = PROTOCOL[method]
-        m = cfg.method
-        assert (m.lr, m.batch_size, m.units, m.others, m.evr) == (lr, batch, units, others, evr)
+        m, kinds = cfg.method, {"output": [], "heads": ["head"], "heads+mlps": ["head", "mlp"]}[units]
+        assert (m.lr, m.batch_size, m.others, cfg.rank.evr, cfg.rank.k) == (lr, batch, others, evr, None)
+        assert list(cfg.units.kinds) == kinds and (cfg.units.by == "output") == (units == "output")
+        assert cfg.units.layers is None and not cfg.units.include and not cfg.units.exclude
         if init is not None:
             assert m.init == init
         assert (cfg.trainer.max_epochs, cfg.trainer.patience, cfg.trainer.precision) == (30, 5, "32-true")

@@ -9,10 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from residual_exp.encode import Encoded, _np_dtype, source_for, storage_arrays
-from residual_exp.methods import build_adapter
 from residual_exp.spectral import GroupPCA, StreamingPCA
+from tests.conftest import build_adapter_of
 from tests.unit.test_decompose_tiny import images, tiny_blip_backbone, tiny_open_clip_backbone, tiny_timm_backbone
 from tests.unit.test_fidelity import _perturb
+
 
 FAMILIES = {"open_clip": lambda: tiny_open_clip_backbone(), "timm_layerscale": lambda: tiny_timm_backbone(init_values=0.5),
             "blip": lambda: tiny_blip_backbone()}
@@ -85,10 +86,10 @@ def test_every_method_sees_the_same_inputs(encodings, method, units, others, evr
                                 batch_size=64, weight_decay=0.0, grad_clip=None, cache=True))
     outs = {}
     for layout, e in enc.items():
-        ad = build_adapter(cfg, e.source, bb.output_dim, ub, ob, seed=0).double()
+        ad = build_adapter_of(cfg, e.source, bb.output_dim, ub, ob, seed=0).double()
         if method == "linear_adapter":
             torch.manual_seed(0)
-            ad = build_adapter(cfg, e.source, bb.output_dim, ub, ob, seed=0).double()
+            ad = build_adapter_of(cfg, e.source, bb.output_dim, ub, ob, seed=0).double()
         with torch.no_grad():
             outs[layout] = ad(**ad.prepare(e.batch(slice(None))))
     scale = outs["dense"].abs().max()

@@ -9,8 +9,10 @@ from omegaconf import OmegaConf
 from residual_exp.classifiers import ClassifierHead
 from residual_exp.decompose.readout import DenseSource
 from residual_exp.decompose.units import UnitLayout
-from residual_exp.methods import SpectralReweighting, build_adapter
+from residual_exp.methods import SpectralReweighting
 from residual_exp.spectral import GroupPCA, StreamingPCA
+from tests.conftest import build_adapter_of
+
 
 L, H, D = 2, 3, 8
 LAYOUT = UnitLayout.vit(L, H)                      # 1 + 2·(3 + 1) + 2 = 11 units
@@ -53,7 +55,7 @@ def test_parameter_counts_match_the_formulas(data):
     units, feature = data
     ub, ob = _bases(units, feature)
     heads, mlps = L * H, L
-    count = lambda name, **kw: build_adapter(_method(name, **kw), SRC, D, ub, ob).trainable_params()
+    count = lambda name, **kw: build_adapter_of(_method(name, **kw), SRC, D, ub, ob).trainable_params()
     assert count("base") == 0
     assert count("linear_adapter", init="default") == D * D + D
     assert count("spectral_adapter") == D
@@ -65,7 +67,7 @@ def test_parameter_counts_match_the_formulas(data):
     # rank-aware: heads of head_dim 2 keep 2 components each (the official accounting)
     narrow = DenseSource(LAYOUT, D, head_dim=2, width=D, dtype=torch.float64)
     ub2, _ = _bases(units, feature, narrow)
-    full = build_adapter(_method("residual_full", units="heads+mlps", others="add"), narrow, D, ub2, ob)
+    full = build_adapter_of(_method("residual_full", units="heads+mlps", others="add"), narrow, D, ub2, ob)
     assert full.trainable_params() == heads * 2 + mlps * D
 
 
@@ -162,14 +164,14 @@ def test_the_protocol_reports_what_each_adapter_trained(data):
     """λ file contents and logged λ come from the adapter itself (no name checks, no attribute probing)."""
     units, feature = data
     ub, ob = _bases(units, feature)
-    fine = build_adapter(_method("residual_fine", evr=0.9), SRC, D, ub, ob)
+    fine = build_adapter_of(_method("residual_fine", evr=0.9), SRC, D, ub, ob)
     tensors, names = fine.lambda_state(LAYOUT)
     assert names == [LAYOUT.names[i] for i in LAYOUT.indices("heads")]
     assert torch.equal(tensors["lambda"][tensors["mask"]], fine.lam.detach())     # pruned entries hold 0
     assert torch.equal(fine.lambda_values(), fine.lam.detach().float())
-    coarse = build_adapter(_method("residual_coarse"), SRC, D, ub, ob)
+    coarse = build_adapter_of(_method("residual_coarse"), SRC, D, ub, ob)
     assert coarse.lambda_state(LAYOUT)[0]["lambda"].shape == (L * H,) and coarse.lambda_values().shape == (L * H,)
-    linear = build_adapter(_method("linear_adapter", init="identity"), SRC, D, ub, ob)
+    linear = build_adapter_of(_method("linear_adapter", init="identity"), SRC, D, ub, ob)
     assert linear.lambda_values() is None and set(linear.lambda_state(LAYOUT)[0]) == {"linear.weight", "linear.bias"}
-    base = build_adapter(_method("base"), SRC, D, ub, ob)
+    base = build_adapter_of(_method("base"), SRC, D, ub, ob)
     assert base.lambda_values() is None and base.lambda_state(LAYOUT) == ({}, [])

@@ -9,7 +9,10 @@ and only here (a YAML file lists what differs), next to the rule its values must
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
@@ -425,6 +428,66 @@ class Config:
                 if v != want:
                     bad(f"conventions.{key}", v, f"compat=official reproduces the official run, which needs "
                                                  f"conventions.{key}={want} (or use compat=none)")
+
+
+# --- navigating the schema tree (validation, the override precheck) --------------------------------------
+def named_schemas(path: str) -> dict[str, type]:
+    if path == "task":
+        return TASKS
+    from .analysis.config import ANALYSES
+    return ANALYSES
+
+
+def sub_type(hint) -> tuple[Any, bool]:
+    """``(inner type, optional)`` of a field type (``Optional[X]`` → X)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return args[0], True
+    return hint, False
+
+
+def node_schema(path: str, task: str | None = None, analysis: str | None = None) -> type | None:
+    """The schema dataclass of the node at ``path`` (``""``: the root), or None for a leaf / free node."""
+    schema = Config
+    for i, part in enumerate(p for p in path.split(".") if p):
+        if i == 0 and part in ("task", "analysis"):
+            schema = named_schemas(part).get(task if part == "task" else analysis)
+        else:
+            hints = typing.get_type_hints(schema) if schema else {}
+            schema = sub_type(hints[part])[0] if part in hints else None
+        if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+            return None
+    return schema
+
+
+# keys that became config groups: where they went (the old spelling is refused with this pointer)
+MOVED = {"method.units": "units=NAME (conf/units/: heads, mlps, heads_mlps, all, layers, names, coarse_top)",
+         "method.evr": "rank=evr rank.evr=X", "method.k": "rank=k rank.k=N"}
+
+
+def suggestion(path: str, fields: list[str]) -> str:
+    """`` (did you mean …?)`` for an unknown key: where it moved, a close spelling among its node's
+    ``fields``, or the same name elsewhere; "" when nothing fits."""
+    parent, leaf = path.rpartition(".")[::2] if "." in path else ("", path)
+    close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.6)
+    hint = MOVED.get(path) or (f"{parent + '.' if parent else ''}{close[0]}" if close else moved_key(path))
+    return f" (did you mean {hint}?)" if hint else ""
+
+
+def moved_key(path: str) -> str | None:
+    """The schema key with ``path``'s last name in another place (the method group first: it owns
+    lr, batch_size, evr, k), e.g. ``pca.k`` → ``method.k``; None when there is none."""
+    leaf, found = path.rsplit(".", 1)[-1], []
+
+    def walk(schema, prefix):
+        for f in dataclasses.fields(schema):
+            sub = sub_type(typing.get_type_hints(schema)[f.name])[0]
+            if dataclasses.is_dataclass(sub) and f.name != "spec":
+                walk(sub, f"{prefix}{f.name}.")
+            elif f.name == leaf and prefix + f.name != path:
+                found.append(prefix + f.name)
+    walk(node_schema(""), "")
+    return min(found, key=lambda p: (not p.startswith("method."), p)) if found else None
 
 
 def _unique_id() -> str:

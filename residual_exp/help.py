@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .catalog import SPEC_TYPES, method_order, options, spec
+from .catalog import SPEC_TYPES, method_order, option, option_choices, options, spec
 
 WIDTH = 100
 DEFAULTS = {"task": "train", "model": "tiny_clip", "dataset": "shapes_shape", "method": "residual_full",
@@ -87,3 +87,15 @@ def help_text() -> str:
                 "with one `error:` line per problem (exit status 2). More: README.md."]
     return "\n".join(textwrap.fill(l, WIDTH, subsequent_indent="  ") if len(l) > WIDTH and not l.startswith(" ")
                      else l for l in out)
+
+
+def method_table() -> str:
+    """The README's methods table: each method's spec, and the units / rank its file chooses."""
+    rows = ["| name | trains | acts on | units | rank | other units | parameters |",
+            "|---|---|---|---|---|---|---|"]
+    for name in method_order():
+        s, node, groups = spec("method", name), option("method", name), option_choices("method", name)
+        others = node.get("others", "drop") if s.acts_on == "units" else "–"
+        rows.append(f"| `{name}` | {s.trained or '–'} | {s.acts_on} | {groups.get('units', '–')} | "
+                    f"{groups.get('rank', '–') if s.needs_bases else '–'} | {others} | {s.params} |")
+    return "\n".join(rows) + "\n"

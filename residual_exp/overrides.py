@@ -56,7 +56,7 @@ def _value(key: str, overrides: Sequence[str]) -> str:
 def _unknown_key(key: str, value: str, task: str | None, analysis: str | None = None) -> str:
     import dataclasses
 
-    from .validate import node_schema, suggestion
+    from .config import node_schema, suggestion
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     schema = node_schema(parent, task, analysis)
     fields = [f.name for f in dataclasses.fields(schema)] if schema else []

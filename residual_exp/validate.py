@@ -27,72 +27,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .catalog import options as group_options
 from .catalog.fields import BOUNDS, bounds_text, fmt, one_of
+from .config import Config, named_schemas, node_schema, sub_type, suggestion
 from .errors import ConfigError, JobFailed
 
-__all__ = ["ConfigError", "JobFailed", "validate", "fmt", "one_of", "node_schema", "suggestion", "group_options"]
+__all__ = ["ConfigError", "JobFailed", "validate", "fmt", "one_of", "group_options"]
 _ABSENT = object()
-
-
-# --- schemas ----------------------------------------------------------------------------------------------
-def _named_schemas(path: str) -> dict[str, type]:
-    if path == "task":
-        from .config import TASKS
-        return TASKS
-    from .analysis.config import ANALYSES
-    return ANALYSES
-
-
-def _sub(hint) -> tuple[Any, bool]:
-    """``(inner type, optional)`` of a field type (``Optional[X]`` → X)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:
-        return args[0], True
-    return hint, False
-
-
-def node_schema(path: str, task: str | None = None, analysis: str | None = None) -> type | None:
-    """The schema dataclass of the node at ``path`` (``""``: the root), or None for a leaf / free node."""
-    from .config import Config
-    schema = Config
-    for i, part in enumerate(p for p in path.split(".") if p):
-        if i == 0 and part in ("task", "analysis"):
-            schema = _named_schemas(part).get(task if part == "task" else analysis)
-        else:
-            hints = typing.get_type_hints(schema) if schema else {}
-            schema = _sub(hints[part])[0] if part in hints else None
-        if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
-            return None
-    return schema
-
-
-# keys that became config groups: where they went (the old spelling is refused with this pointer)
-MOVED = {"method.units": "units=NAME (conf/units/: heads, mlps, heads_mlps, all, layers, names, coarse_top)",
-         "method.evr": "rank=evr rank.evr=X", "method.k": "rank=k rank.k=N"}
-
-
-def suggestion(path: str, fields: list[str]) -> str:
-    """`` (did you mean …?)`` for an unknown key: where it moved, a close spelling among its node's
-    ``fields``, or the same name elsewhere; "" when nothing fits."""
-    parent, leaf = path.rpartition(".")[::2] if "." in path else ("", path)
-    close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.6)
-    hint = MOVED.get(path) or (f"{parent + '.' if parent else ''}{close[0]}" if close else moved_key(path))
-    return f" (did you mean {hint}?)" if hint else ""
-
-
-def moved_key(path: str) -> str | None:
-    """The schema key with ``path``'s last name in another place (the method group first: it owns
-    lr, batch_size, evr, k), e.g. ``pca.k`` → ``method.k``; None when there is none."""
-    leaf, found = path.rsplit(".", 1)[-1], []
-
-    def walk(schema, prefix):
-        for f in dataclasses.fields(schema):
-            sub = _sub(typing.get_type_hints(schema)[f.name])[0]
-            if dataclasses.is_dataclass(sub) and f.name != "spec":
-                walk(sub, f"{prefix}{f.name}.")
-            elif f.name == leaf and prefix + f.name != path:
-                found.append(prefix + f.name)
-    walk(node_schema(""), "")
-    return min(found, key=lambda p: (not p.startswith("method."), p)) if found else None
 
 
 # --- the walk ---------------------------------------------------------------------------------------------
@@ -143,7 +82,7 @@ class _Walk:
             if v is not _ABSENT and v is not None and not isinstance(v, DictConfig):
                 self.bad(path, v, "must be a dict (key: value, …)")
             return
-        inner, optional = _sub(hint)
+        inner, optional = sub_type(hint)
         if path in ("task", "analysis"):
             return self.named(path, raw)
         if dataclasses.is_dataclass(inner):
@@ -160,7 +99,7 @@ class _Walk:
 
     def named(self, path: str, raw) -> None:
         """``task`` / ``analysis``: a node whose schema its ``name`` selects."""
-        schemas, group = _named_schemas(path), path
+        schemas, group = named_schemas(path), path
         name = raw.get("name") if isinstance(raw, dict) else None
         if raw is None and path == "analysis":
             return
@@ -171,7 +110,7 @@ class _Walk:
         self.node(schemas[name], path + ".", raw)
 
     def leaf(self, path: str, v, hint, rules: dict) -> None:
-        inner, optional = _sub(hint)
+        inner, optional = sub_type(hint)
         if v is None:
             if not optional and inner is not Any:
                 self.bad(path, v, rules.get("what") or "a value is required")
@@ -193,7 +132,6 @@ class _Walk:
 
     def item(self, path: str, x, hint, rules: dict) -> None:
         if rules.get("entry") and isinstance(x, DictConfig):
-            from .config import Config
             keys = [f.name for f in dataclasses.fields(typing.get_type_hints(Config)[rules["entry"]])] + ["label"]
             if "name" not in x:
                 return self.bad(path, x, f"a dict entry needs name: NAME ({one_of(self.options(rules))})")

@@ -2,7 +2,7 @@
 
 For each architecture (open_clip ViT-B/16 and ViT-L/14 by default, random weights) the script
 fits bases on a few encoded images, builds residual_full and residual_fine adapters with random
-λ ~ N(1, 1) through the real construction path, folds them with :func:`residual_exp.export.fold`
+λ ~ N(1, 1) through the real construction path, folds them with the adapter's own ``fold``
 (what ``task=export`` writes) and times ``AdaptedModel.encode_image`` against the backbone's plain
 ``encode_image`` on the same batch, interleaved (plain, adapted, plain, adapted, …) so that both
 see the same machine state.  Goal: ratio ≤ 1.05 (the fold replaces the readout by a few CLS-token
@@ -29,7 +29,7 @@ from bench_cache import TINY, backbone_cfg, fit, method_cfg, tiled  # noqa: E402
 
 from residual_exp.backbones import build_backbone  # noqa: E402
 from residual_exp.encode import Encoded, source_for, storage_arrays  # noqa: E402
-from residual_exp.export import AdaptedModel, Folded, fold  # noqa: E402
+from residual_exp.export import AdaptedModel, Folded  # noqa: E402
 from residual_exp.methods import build_adapter  # noqa: E402
 from residual_exp.tables import text_table  # noqa: E402
 
@@ -44,7 +44,7 @@ def adapted(bb, method: str, enc: Encoded) -> AdaptedModel:
     mc = method_cfg(method)
     ad = build_adapter(mc, enc.source, bb.output_dim, ub, ob, seed=0, units=mc.units, rank=mc).double()
     state = ad.state_dict()
-    folded = fold(method, state, bb.double().readout(), "lowrank", method_cfg(method).others)
+    folded = type(ad).fold(state, bb.double().readout(), mc, "lowrank", "none")
     bb.float()
     head = torch.nn.functional.normalize(torch.randn(100, bb.output_dim), dim=-1)
     tensors = {k: v.float() for k, v in folded.tensors().items()}   # as in an export folder

@@ -9,7 +9,7 @@ Torch-free (imports only omegaconf, and Hydra's config repository when a spec is
 * :mod:`.fields` — :func:`rule`, the range and existence rules declared next to schema fields.
 """
 from .fields import rule
-from .specs import (FAMILIES, SPEC_TYPES, DatasetSpec, FamilySpec, MethodSpec, ModelSpec, grid, load, method_order, needs_bases, spec_of,
+from .specs import (FAMILIES, SPEC_TYPES, DatasetSpec, FamilySpec, MethodSpec, ModelSpec, grid, load, method_order, needs_bases, option_choices, spec_of,
                     option, options, spec)
 from .values import (COARSE_OTHERS, EVAL_SPLITS, OUTPUT_UNITS, RUN_SPLITS, SEED_MAX, TRAINER_PRECISIONS, UNIT_GROUPS, UNITS_WHAT,
                      Ablation,
@@ -19,7 +19,7 @@ from .values import (COARSE_OTHERS, EVAL_SPLITS, OUTPUT_UNITS, RUN_SPLITS, SEED_
                      unit_selection)
 
 __all__ = ["rule", "FAMILIES", "SPEC_TYPES", "DatasetSpec", "FamilySpec", "MethodSpec", "ModelSpec", "load",
-           "needs_bases", "method_order", "grid", "COARSE_OTHERS", "option", "options", "spec", "spec_of", "EVAL_SPLITS", "OUTPUT_UNITS", "RUN_SPLITS", "SEED_MAX",
+           "needs_bases", "method_order", "grid", "option_choices", "COARSE_OTHERS", "option", "options", "spec", "spec_of", "EVAL_SPLITS", "OUTPUT_UNITS", "RUN_SPLITS", "SEED_MAX",
            "TRAINER_PRECISIONS", "UNIT_GROUPS", "UNITS_WHAT", "unit_selection", "Ablation", "Accelerator", "ActsOn", "CacheAction", "CacheDtype",
            "CacheKind", "CacheLayout", "CheckDtype", "Compat", "CrossModel", "Estimator", "EvrRule", "Init",
            "ModelPrecision", "Needs", "Others", "Protocol", "Prototype", "Score", "Selection", "SimilarityUnweighted",

@@ -120,7 +120,8 @@ def needs_bases(method_cfg) -> bool:
     """Whether ``method_cfg``'s adapter reads PCA bases: its spec says so, or it replaces the
     units it does not select by their reference mean (``others=mean``)."""
     spec = spec_of("method", method_cfg)
-    return bool(spec.needs_bases) or (spec.acts_on == ActsOn.units and method_cfg.others == Others.mean)
+    others = method_cfg.get("others", Others.drop) if isinstance(method_cfg, (dict, DictConfig)) else method_cfg.others
+    return bool(spec.needs_bases) or (spec.acts_on == ActsOn.units and others == Others.mean)
 
 
 def load(path: str) -> Any:
@@ -197,6 +198,13 @@ def spec_of(group: str, node):
     if own is not None and (required is None or OmegaConf.select(OmegaConf.create(own), required, default=None)):
         return OmegaConf.merge(OmegaConf.structured(SPEC_TYPES[group]), own)
     return spec(group, node["name"] if isinstance(node, dict) else node.name)
+
+
+def option_choices(group: str, name: str) -> dict[str, str]:
+    """The other groups' options that ``group=name`` chooses in its defaults list (e.g. a method's
+    ``units`` and ``rank``)."""
+    result = _repository().load_config(f"{group}/{name}")
+    return {d.group.lstrip("/"): str(d.value) for d in (result.defaults_list or []) if hasattr(d, "group")}
 
 
 def option(group: str, name: str):

@@ -76,3 +76,9 @@ def test_help_is_generated_from_the_catalog(tmp_path):
     n_paper = len(options("experiment/paper"))
     assert f"= {n_paper} presets" in out and "paper/<model>_<dataset>" in out
     assert "examples:" in out and "python -m residual_exp -m " in out
+
+
+def test_readme_method_table_is_the_catalogs():
+    """The README's methods table is generated from the catalog (residual_exp.help.method_table)."""
+    from residual_exp.help import method_table
+    assert method_table() in (ROOT / "README.md").read_text()

@@ -126,7 +126,8 @@ def test_cli_logs_offline_without_a_key_and_never_prompts(tmp_path):
         "setting/init": "normal", "setting/lr": 0.8, "setting/max_epochs": 3, "setting/num_classes": 6,
         "setting/units_convention": "official", "setting/classifier": "text", "setting/evr_rule": "strict",
         "setting/compat": "none", "setting/cache_layout": "lowrank", "setting/run_dir": str(run_dir),
-        "setting/trainable_params": rec["trainable_params"]}
+        "setting/trainable_params": rec["trainable_params"], "setting/n_selected_units": 16,
+        "setting/kept_components": rec["trainable_params"]}
     assert config["method"]["evr"] == 0.9                      # the nested resolved config is there too
     csv_rows = [line.split(",") for line in (run_dir / "history.csv").read_text().splitlines()[1:]]
     logged = [h for h in history if "history/epoch" in h]

@@ -45,7 +45,7 @@ METHODS = ("base", "finetune", "linear_adapter", "spectral_adapter",
            "residual_coarse", "residual_fine", "residual_full")           # methods.METHODS
 OUTPUT_METHODS = ("base", "finetune", "linear_adapter", "spectral_adapter")   # act on the output feature
 RESIDUAL_METHODS = ("residual_coarse", "residual_fine", "residual_full")      # act on residual units
-UNIT_KINDS = ("embed", "head", "mlp", "const")                            # decompose.units.KINDS
+UNIT_KINDS = ("embed", "head", "mlp", "pool", "const")                          # decompose.units.KINDS
 UNIT_GROUPS = ("heads", "mlps", "heads+mlps", "all")
 SPLITS = ("train", "val", "test", "reference")                            # data.registry.SPLITS
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")

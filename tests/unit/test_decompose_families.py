@@ -5,7 +5,7 @@
   ``fc_norm``, and open_clip CLIPs whose image tower is such a timm model (``TimmModel``);
 * each with its 1-D parameters perturbed (biases, norm affines, LayerScale, tokens): Σ units
   equals the library's own image feature and every unit equals an independent recomputation
-  (:func:`residual_exp.tasks.check_decomposition.independent_reference`) to ≤ 1e-10;
+  (the family's :mod:`residual_exp.decompose.references`) to ≤ 1e-10;
 * refusals name the offending part, before anything is built or loaded;
 * the check catches a decomposition that drops every bias and the final norm's affine, which a
   check at random init (biases 0, γ = 1, β = 0) could not.
@@ -22,8 +22,9 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from residual_exp.backbones import UnsupportedArchitecture
-from residual_exp.tasks.check_decomposition import (check_decomposition, independent_reference, perturb_1d,
-                                                    reference_units)
+from residual_exp.backbones import reference_of
+from residual_exp.decompose.references import perturb_1d, reference_units
+from residual_exp.tasks.check_decomposition import check_decomposition
 from tests.unit.test_decompose_tiny import TIMM_CFG, _task_cfg, images
 
 SIZE = 32
@@ -125,7 +126,7 @@ def test_family_is_exact_with_perturbed_parameters(name, convention):
     with torch.no_grad():
         units, feature = backbone.decompose(x)
         lib = _library_feature(backbone, x)
-        ref = independent_reference(backbone, x)
+        ref = reference_of(backbone, x)
         want = reference_units(ref, convention)
     scale = lib.abs().amax(-1, keepdim=True)
     assert units.shape == (2, len(backbone.layout), backbone.output_dim)
@@ -234,7 +235,7 @@ def _broken_lens(self):
 
 def test_check_fails_on_a_decomposition_that_drops_biases(monkeypatch, capsys):
     import importlib
-    cd = importlib.import_module("residual_exp.tasks.check_decomposition")     # the module, not the task
+    refs = importlib.import_module("residual_exp.decompose.references")
     from residual_exp.backbones.timm_backbone import TimmBackbone
     cfg = _task_cfg(TIMM_CFG)
     assert check_decomposition(cfg) == 0
@@ -243,7 +244,7 @@ def test_check_fails_on_a_decomposition_that_drops_biases(monkeypatch, capsys):
 
     monkeypatch.setattr(TimmBackbone, "lens", _broken_lens)
     with monkeypatch.context() as m:                         # the check as it was: random init, unperturbed
-        m.setattr(cd, "perturb_1d", lambda module, seed, scale=0.1: 0)
+        m.setattr(refs, "perturb_1d", lambda module, seed, scale=0.1: 0)
         assert check_decomposition(cfg) == 0                 # biases 0, γ = 1, β = 0: the bug is invisible
     capsys.readouterr()
     assert check_decomposition(cfg) == 1                     # perturbed: caught

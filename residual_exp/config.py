@@ -224,6 +224,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     conventions: ConventionsConfig = field(default_factory=ConventionsConfig)
     compat: str = "none"               # none | official: also reproduce the official code's bugs (a)-(d) (FIDELITY.md)
+    classifier: str = "auto"           # frozen head: auto (text head when the model has a text tower, else prototypes) | text | prototype
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda

@@ -66,6 +66,7 @@ CONVENTIONS = {"units": ("official", "centred"), "prototype": ("mean", "cosine")
                "similarity_weights": ("eigenvalues", "sqrt_eigenvalues"),
                "similarity_unweighted": ("diagonal", "matched")}
 COMPAT = ("none", "official")
+CLASSIFIERS = ("auto", "text", "prototype")                               # the frozen head (classifiers.head_kind)
 CHECK_DTYPES = ("float32", "float64")                                     # tasks.check_decomposition.DTYPES
 SCORES = ("zero_shot", "text_alignment", "output_correlation")            # analysis.coarse_selection.SCORES
 ABLATIONS = ("zero", "mean")
@@ -377,6 +378,8 @@ def _check_top(c: _Checker) -> None:
             (device.startswith("cuda:") and device[5:].isdigit()))):
         c.bad("device", device, _one_of(DEVICES) + " (N a GPU index ≥ 0)")
     compat = c.choice("compat", COMPAT)
+    if c.choice("classifier", CLASSIFIERS) == "text" and c.get("model.family") == "timm":
+        c.bad("classifier", "text", "model.family=timm has no text tower: use classifier=prototype (or auto)")
     c.boolean("resume")
     for key in ("sweep_dir", "run_dir", "out", "model_dir", "inputs"):     # checked by the task using them
         c.string(key, null=True)

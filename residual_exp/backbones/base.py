@@ -16,6 +16,7 @@ it needs, whatever the family (open_clip, timm, BLIP, …):
                            (``use_convention`` picks the official or the centred definition)
 * ``vision``               the ``nn.Module`` holding the image tower (what ``finetune`` trains)
 * ``logit_scale``          the temperature of the zero-shot classifier (float)
+* ``logit_bias``           its bias (SigLIP's sigmoid-loss bias; 0 for the others)
 
 Builders are registered per *family* with :func:`register_backbone` and receive the ``model``
 config node (``name, family, arch, pretrained, weights, image_size, logit_scale, cache_dir,
@@ -58,6 +59,7 @@ class Backbone(nn.Module, abc.ABC):
         self.image_size = int(image_size)
         self.has_text = bool(has_text)
         self._logit_scale = float(logit_scale)
+        self.logit_bias = 0.0                 # zero-shot logit bias (SigLIP-style models set theirs)
         self.convention = "official"          # conventions.units: how units are defined (decompose/readout.py)
         self.precision = "fp32"               # the encoding forward: fp32 | bf16 (autocast on CUDA)
         self._readouts: dict = {}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..classifiers import top1_accuracy
+from ..classifiers import record_kind, top1_accuracy
 from ..data.registry import build_split
 from ..methods import build_adapter, needs_bases
 from ..pipeline import Session
@@ -75,10 +75,11 @@ def warn_below_zero_shot(rec: dict, zero_shot_val: float, margin: float = 0.02) 
 
 
 def conventions_record(cfg, has_text: bool) -> dict:
-    """What a result was computed under (FIDELITY.md): unit definition, classifier, EVR rule,
-    compat mode, cache layout."""
+    """What a result was computed under (FIDELITY.md): unit definition, classifier (``text`` |
+    ``prototype-mean`` | ``prototype-cosine``, the head ``classifier=`` chose), EVR rule, compat
+    mode, cache layout."""
     c = cfg.conventions
-    return {"units_convention": c.units, "classifier": "text" if has_text else f"prototype-{c.prototype}",
+    return {"units_convention": c.units, "classifier": record_kind(cfg.get("classifier", "auto"), has_text, c.prototype),
             "evr_rule": c.evr_rule, "compat": cfg.compat, "cache_layout": cfg.cache.layout}
 
 

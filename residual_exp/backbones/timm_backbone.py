@@ -224,10 +224,6 @@ def check_pool(model: nn.Module, kind: str) -> tuple[Pool, nn.Module]:
     has_cls = getattr(model, "cls_token", None) is not None
     npt = int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0))
     start = 0 if getattr(model, "pool_include_prefix", False) else npt
-    if not isinstance(norm, nn.Identity) and not isinstance(fc, nn.Identity):
-        raise UnsupportedArchitecture(
-            f"both a final norm ({type(norm).__name__}) and an fc_norm ({type(fc).__name__}) are set: "
-            "two norms in a row are not supported by the single-norm lens")
     if attn_pool is not None or gp == "map":
         if not _unmodified(attn_pool, AttentionPoolLatent):
             raise UnsupportedArchitecture(f"global_pool={gp!r}: attention pool {type(attn_pool).__name__} is not timm's "
@@ -240,6 +236,10 @@ def check_pool(model: nn.Module, kind: str) -> tuple[Pool, nn.Module]:
                                           + (CLS_HINT if has_cls else ""))
         _check_norm(norm, "final norm")
         return Pool("map", per_token_norm=True), norm
+    if not isinstance(norm, nn.Identity) and not isinstance(fc, nn.Identity):
+        raise UnsupportedArchitecture(
+            f"both a final norm ({type(norm).__name__}) and an fc_norm ({type(fc).__name__}) are set: "
+            "two norms in a row are not supported by the single-norm lens")
     if kind == "cait" and gp != "token":
         raise UnsupportedArchitecture(
             f"global_pool={gp!r}: CaiT's patch tokens are not in its class-attention stream (the residual units "

@@ -141,15 +141,17 @@ def test_family_is_exact_with_perturbed_parameters(name, convention):
 
 # --- refusals ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch, part", [
-    ("ViT-B-16-SigLIP", "timm_pool='map'"),
-    ("ViT-SO400M-14-SigLIP", r"map \(attention\) pooling"),
-    ("ViT-L-14-CLIPA", "pool_type='avg'"),
     ("coca_ViT-B-32", "CoCa attentional pooler"),
     ("RN50", "ResNet image tower"),
-    ("MobileCLIP2-S0", "average pooling"),
+    ("convnext_base_w", None),                     # a timm tower: refused on the meta device (below), not here
 ])
 def test_open_clip_refusals_from_the_config_alone(arch, part):
-    from residual_exp.backbones.open_clip_backbone import check_open_clip_config
+    from residual_exp.backbones.open_clip_backbone import check_open_clip_arch, check_open_clip_config
+    if part is None:
+        check_open_clip_config(arch)
+        with pytest.raises(UnsupportedArchitecture, match=f"{arch}: timm tower convnext.*ConvNeXt is not a timm ViT"):
+            check_open_clip_arch(arch)
+        return
     with pytest.raises(UnsupportedArchitecture, match=part) as e:
         check_open_clip_config(arch)
     assert str(e.value).startswith(arch + ":") and "\n" not in str(e.value)
@@ -169,8 +171,8 @@ def test_architecture_is_checked_before_weights_or_tokenizer(monkeypatch):
         raise AssertionError("loaded before the architecture was checked")
     monkeypatch.setattr(open_clip, "create_model_and_transforms", forbidden)
     monkeypatch.setattr(open_clip, "get_tokenizer", forbidden)
-    with pytest.raises(UnsupportedArchitecture, match="ViT-B-16-SigLIP"):
-        create_open_clip("ViT-B-16-SigLIP", "webli", None, None, None)
+    with pytest.raises(UnsupportedArchitecture, match="RN50"):
+        create_open_clip("RN50", "openai", None, None, None)
 
 
 def test_tokenizer_is_loaded_lazily_and_fails_with_an_offline_hint(monkeypatch):
@@ -189,9 +191,9 @@ def test_tokenizer_is_loaded_lazily_and_fails_with_an_offline_hint(monkeypatch):
         tok(["a photo"])
 
 
-def test_timm_avg_pool_refusal_says_how_to_read_the_cls_token():
-    with pytest.raises(UnsupportedArchitecture, match=r"\+model.params.create_kwargs.global_pool=token"):
-        _timm_backbone(_eva(**dict(EVA01, global_pool="avg")))
+def test_timm_max_pool_refusal_says_how_to_read_the_cls_token():
+    with pytest.raises(UnsupportedArchitecture, match=r"max pooling is not linear.*\+model.params.create_kwargs.global_pool=token"):
+        _timm_backbone(_eva(**dict(EVA01, global_pool="max")))
     no_cls = _vit(global_pool="token")
     no_cls.cls_token = None                                  # (timm refuses to build this combination itself)
     with pytest.raises(UnsupportedArchitecture, match="no class token"):
@@ -201,13 +203,13 @@ def test_timm_avg_pool_refusal_says_how_to_read_the_cls_token():
 def test_refused_architecture_exits_2_with_one_line_offline(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "residual_exp", "task=check_decomposition", "model=open_clip",
-         "model.arch=ViT-B-16-SigLIP", "model.pretrained=null", f"hydra.run.dir={tmp_path}"],
+         "model.arch=RN50", "model.pretrained=null", f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert lines == ["error: ViT-B-16-SigLIP: timm tower with map (attention) pooling (vision_cfg.timm_pool='map', "
-                     "vit_base_patch16_siglip_224): the readout is not linear in the residual units"]
+    assert lines == ["error: RN50: ResNet image tower (ModifiedResNet, vision_cfg.layers=[3, 4, 6, 3]): not a ViT, "
+                     "no residual-unit readout; use a ViT CLIP or model=timm"]
 
 
 # --- the check itself ----------------------------------------------------------------------------

@@ -205,6 +205,16 @@ def open_clip_pool(visual: nn.Module) -> Pool:
     return TOKEN
 
 
+def text_unavailable(arch: str, what: str, e: Exception, cache_dir: str | None) -> WeightsUnavailable:
+    """One line: the text side of ``arch`` needs hub files that are not here (offline)."""
+    import os
+    first = (str(e).strip().splitlines() or [""])[0]
+    cache = cache_dir or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return WeightsUnavailable(
+        f"could not load the {what} of open_clip {arch}: {type(e).__name__}: {first} — its files come from the "
+        f"Hugging Face hub (cached under {cache}): run once with internet, or use classifier=prototype (no text needed)")
+
+
 class LazyTokenizer:
     """``open_clip.get_tokenizer(arch)`` on the first call (some tokenizers come from the hub)."""
 
@@ -217,11 +227,7 @@ class LazyTokenizer:
             try:
                 self._tokenizer = open_clip.get_tokenizer(self.arch, cache_dir=self.cache_dir)
             except Exception as e:  # offline hub tokenizers fail with many exception types
-                first = (str(e).strip().splitlines() or [""])[0]
-                raise WeightsUnavailable(
-                    f"could not load the tokenizer of open_clip {self.arch}: {type(e).__name__}: {first}\n"
-                    + offline_hint(f"the {self.arch} tokenizer", "a cached copy of the tokenizer files",
-                                   self.cache_dir)) from e
+                raise text_unavailable(self.arch, "tokenizer", e, self.cache_dir) from e
         return self._tokenizer
 
     def __call__(self, texts, *args, **kwargs):
@@ -395,12 +401,7 @@ class VisionOnlyCLIP(nn.Module):
             try:
                 full = self._build_full()
             except Exception as e:  # offline hub access fails with many exception types
-                first = (str(e).strip().splitlines() or [""])[0]
-                raise WeightsUnavailable(
-                    f"could not build the text tower of open_clip {self.name}: {type(e).__name__}: {first}\n"
-                    + offline_hint(f"the {self.name} text tower (a Hugging Face model)",
-                                   "a cached copy of its files, or classifier=prototype (no text needed)",
-                                   self.cache_dir)) from e
+                raise text_unavailable(self.name, "text tower", e, self.cache_dir) from e
             p = next(self.visual.parameters())
             self._full = (full.to(device=p.device, dtype=p.dtype).eval(),)
         return self._full[0]

@@ -178,10 +178,11 @@ class MapSource(UnitSource):
         g = A(gamma) if self.norm_kind == "layer" else torch.zeros(J, D, dtype=P.dtype, device=P.device)  # [J, D]
         k = wout @ (torch.einsum("jdw,w->jd", pool.value, lens.beta) + pool.value_bias).reshape(-1) \
             + P.T @ pool.out_bias + lens.proj_bias                             # [D]
-        self.register_buffer("U", torch.einsum("jdw,w,lwhe->lhjde", pool.value, gamma, lens.w_o))  # [L, H, J, d, Dh]
+        U = torch.einsum("jdw,w,lwhe->lhjed", pool.value, gamma, lens.w_o)    # [L, H, J, Dh, d]  V_j γ W_{O,h}
+        self.register_buffer("U", U.reshape(L, H * J, Dh, d).contiguous())   # batched over (head, pool head)
         self.register_buffer("wout", wout.contiguous())
         self.register_buffer("wbar", lens.w_o.mean(1))                       # [L, H, Dh]
-        self.register_buffer("value_gamma", pool.value * gamma)               # [J, d, W]
+        self.register_buffer("value_gamma", (pool.value * gamma).transpose(1, 2).contiguous())   # [J, W, d]
         self.register_buffer("g", g)
         self.register_buffer("k", k)
         self.register_buffer("q", A(gamma * lens.b_o) / H)                   # [L, J, D]  A_j b_{O,l} / H
@@ -205,23 +206,31 @@ class MapSource(UnitSource):
         mu_t, sigma_t = norm_stats(x[:, start:], self.norm_kind, self.eps)   # [B, n]
         w = a / sigma_t[:, None]                                              # [B, J, n]  a_{j,t}/σ_t
         stats = torch.cat([w.sum(-1), (w * mu_t[:, None]).sum(-1)], 1)       # [B, 2J]  s, m
-        heads, heads_mean = [], []
+        B, J, H = w.shape[0], self.channels, self.num_heads
+        L, Dh = len(store["heads"]), self.head_dim
+        # batched over the layers (few large products, not many small ones)
+        zeta = torch.empty(L, B, J, H * Dh, dtype=dt, device=w.device)
         for l, zt in enumerate(store["heads"]):                               # [B, N, H, Dh]
-            zeta = torch.einsum("bjn,bnhe->bhje", w, zt[:, start:].to(dt))   # [B, H, J, Dh]
-            y = torch.einsum("bhje,hjde->bhjd", zeta, self.U[l])             # [B, H, J, d]
-            heads.append(y.flatten(2) @ self.wout.T)                         # [B, H, D]
-            heads_mean.append(torch.einsum("bhje,he->bhj", zeta, self.wbar[l]))   # [B, H, J]
-        vecs, vec_means = [], []
-        for ct in [store["embed"]] + list(store["mlps"]):                     # [B, N, W]
-            C = torch.einsum("bjn,bnw->bjw", w, ct[:, start:].to(dt))         # [B, J, W]
-            y = torch.einsum("bjw,jdw->bjd", C, self.value_gamma)            # [B, J, d]
-            vecs.append(y.flatten(1) @ self.wout.T)                          # [B, D]
-            vec_means.append(C.mean(-1))                                     # [B, J]
+            torch.bmm(w, zt[:, start:].to(dt).reshape(B, n, H * Dh), out=zeta[l])   # [B, J, H·Dh]
+        zeta = zeta.view(L, B, J, H, Dh).permute(0, 3, 2, 1, 4).reshape(L * H * J, B, Dh)   # [L·H·J, B, Dh]
+        y = torch.bmm(zeta, self.U.view(L * H * J, Dh, -1))                   # [L·H·J, B, d]
+        y = y.view(L * H, J, B, -1).permute(2, 0, 1, 3).reshape(B, L * H, -1)   # [B, L·H, J·d]
+        heads = y @ self.wout.T                                               # [B, L·H, D]
+        zm = (zeta.view(L * H, J, B, Dh) * self.wbar.view(L * H, 1, 1, Dh)).sum(-1)   # [L·H, J, B]
+        heads_mean = zm.permute(2, 0, 1)                                      # [B, L·H, J]
+        tokens = [store["embed"]] + list(store["mlps"])                       # [B, N, W] each
+        C = torch.empty(len(tokens), B, J, self.width, dtype=dt, device=w.device)
+        for i, ct in enumerate(tokens):
+            torch.bmm(w, ct[:, start:].to(dt), out=C[i])                      # [B, J, W]
+        V = len(tokens)
+        y = torch.bmm(C.permute(2, 0, 1, 3).reshape(J, V * B, -1), self.value_gamma)   # [J, V·B, d]
+        vecs = list((y.view(J, V, B, -1).permute(2, 1, 0, 3).reshape(B, V, -1) @ self.wout.T).unbind(1))  # V × [B, D]
+        vec_means = list(C.mean(-1).permute(1, 0, 2).unbind(1))               # V × [B, J]
         if "pool_mlp" in store:
             r = store["pool_mlp"].to(dt)                                      # [B, D0]
             vecs.append(r @ self.proj)
             vec_means.append(torch.zeros_like(vec_means[0]))
-        return {"heads": torch.cat(heads, 1), "heads_mean": torch.cat(heads_mean, 1),   # [B, L·H, D], [B, L·H, J]
+        return {"heads": heads, "heads_mean": heads_mean,                     # [B, L·H, D], [B, L·H, J]
                 "vec": torch.stack(vecs, 1), "vec_mean": torch.stack(vec_means, 1),     # [B, V, D], [B, V, J]
                 "stats": stats, "feature": feature.to(dt)}
 

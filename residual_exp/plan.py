@@ -62,12 +62,19 @@ def split_sizes(dataset: str, params: dict | None = None) -> dict[str, int]:
     return out
 
 
-def bytes_per_image(model: str, layout: str = "lowrank", dtype: str = "float16") -> int:
-    L, H, Dh, W, D, _, _ = ARCHS[model]
+def bytes_per_image(model: str, layout: str = "lowrank", dtype: str = "float16", arch: tuple | None = None) -> int:
+    """Cache bytes per image; ``arch``: a shape of :func:`residual_exp.backbones.shapes.arch_shape`
+    (default: the preset's, :data:`ARCHS`).  An attention-pooled readout (J pool heads) stores every
+    unit's D-dim linear part with J per-pool-head means, and 2J statistics."""
+    L, H, Dh, W, D, _, _, *rest = arch or ARCHS[model]
+    J = rest[0] if rest else 0
     b = BYTES[dtype]
+    pool = 1 if J else 0                                   # the pool.mlp unit
     if layout == "dense":
-        return (1 + L * (H + 1)) * D * b + D * b + 8
+        return (1 + L * (H + 1) + pool) * D * b + D * b + 8
     wide = 8 if dtype == "float64" else 4
+    if J:
+        return (L * H * D + (1 + L + pool) * D + D) * b + (L * H * J + (1 + L + pool) * J + 2 * J) * wide + 8
     return (L * H * Dh + (1 + L) * D + D) * b + (2 + 1 + L) * wide + 8
 
 
@@ -109,7 +116,8 @@ def encoded_in_cache(cache_dir: Path, model: str, dataset: str, split: str, n: i
 
 
 def plan_rows(cells: list[dict], tp: Throughput, cache_dir: Path, layout: str = "lowrank",
-              dtype: str = "float16", epochs: int = 30, typical_epoch_fraction: float = 0.5) -> list[dict]:
+              dtype: str = "float16", epochs: int = 30, typical_epoch_fraction: float = 0.5,
+              archs: dict | None = None) -> list[dict]:
     """One row per model: encodes, cache bytes, what is cached, GPU hours.
 
     ``cells``: ``{model, dataset, method, batch_size, reference, reference_split, reference_max,
@@ -134,8 +142,10 @@ def plan_rows(cells: list[dict], tp: Throughput, cache_dir: Path, layout: str = 
             m["jobs"].append((c["dataset"], sizes["train"], c["batch_size"]))
     rows = []
     for model, m in by_model.items():
-        if model not in ARCHS:
-            raise KeyError(f"task=plan has no architecture for model {model!r} (known: {', '.join(sorted(ARCHS))})")
+        arch = (archs or {}).get(model)
+        if model not in ARCHS and arch is None:
+            raise KeyError(f"task=plan has no architecture for model {model!r} (known: {', '.join(sorted(ARCHS))}, "
+                           "or model=open_clip / model=timm with model.arch)")
         encodes = {s: sum(sz[s] for sz in m["pairs"].values()) for s in ("train", "val", "test")}
         n_enc = sum(encodes.values())
         n_ref = sum(n for (_, _, n) in m["refs"])
@@ -143,7 +153,7 @@ def plan_rows(cells: list[dict], tp: Throughput, cache_dir: Path, layout: str = 
                      for s in ("train", "val", "test"))
         todo = sum(sz[s] for ds, sz in m["pairs"].items() for s in ("train", "val", "test")
                    if not encoded_in_cache(cache_dir, model, ds, s, sz[s]))
-        bpi = bytes_per_image(model, layout, dtype)
+        bpi = bytes_per_image(model, layout, dtype, arch)
         enc_s = sum(sz[s] / tp.encode_rate(model, ds) for ds, sz in m["pairs"].items() for s in ("train", "val", "test")
                     if not encoded_in_cache(cache_dir, model, ds, s, sz[s]))
         ref_s = sum(n / tp.encode_rate(model, ds) for (ds, _, n) in m["refs"])

@@ -18,7 +18,7 @@ import itertools
 
 from ..compose import group_node
 from ..pipeline import reference_dataset
-from ..plan import Throughput, plan_rows
+from ..plan import ARCHS, Throughput, plan_rows
 from ..runtime import run_dir_of
 from ..tables import text_table, write_table
 
@@ -59,8 +59,12 @@ def plan(cfg) -> int:
     t = cfg.task.throughput
     tp = Throughput(dict(t.encode), dict(t.loader), float(t.train_steps), dict(t.finetune))
     dtype = cfg.cache.dtype if cfg.cache.dtype != "auto" else "float16"
+    archs = {}
+    if cfg.model.name in grid["model"] and cfg.model.name not in ARCHS and cfg.model.get("arch"):
+        from ..backbones.shapes import arch_shape             # the image tower on the meta device
+        archs[cfg.model.name] = arch_shape(cfg.model)
     rows = plan_rows(cells, tp, cfg.cache.dir, cfg.cache.layout, dtype, int(cfg.trainer.max_epochs),
-                     float(cfg.task.typical_epoch_fraction))
+                     float(cfg.task.typical_epoch_fraction), archs)
     total = {"model": "total", **{k: sum(r[k] for r in rows) for k in rows[0] if k not in ("model", "bytes_per_image")}}
     cols = ["model", "pairs", "jobs", "train_images", "val_images", "test_images", "reference_images", "cache_GB",
             "cached_splits", "splits", "disk_needed_GB", "encode_h", "train_h", "train_typical_h", "finetune_h"]

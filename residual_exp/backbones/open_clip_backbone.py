@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..decompose.pooling import TOKEN, Pool
-from ..decompose.readout import Lens, lens_from
+from ..decompose.readout import Lens, compose_linears, lens_from
 from ..decompose.references import open_clip_reference
 from ..decompose.stack import cls_input_pre_hook, layer_scale
 from .base import Backbone, UnknownArchitecture, UnsupportedArchitecture, register_backbone
@@ -148,21 +148,6 @@ def _timm_head_linears(visual: nn.Module) -> list[nn.Linear]:
             raise UnsupportedArchitecture(
                 f"timm tower {name}: head module {key!r} ({type(m).__name__}) is not a linear projection")
     return linears
-
-
-def compose_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(P [W, D], b [D])`` with ``x @ P + b`` = applying ``linears`` in order (x @ W1ᵀ + b1, then
-    @ W2ᵀ + b2, …); ``(None, None)`` for none."""
-    proj, bias = None, None
-    for lin in linears:
-        w = lin.weight.T                                                  # [in, out]
-        if proj is None:
-            proj, bias = w, lin.bias
-            continue
-        proj, bias = proj @ w, (bias @ w if bias is not None else None)
-        if lin.bias is not None:
-            bias = lin.bias if bias is None else bias + lin.bias
-    return proj, bias
 
 
 def check_open_clip_vision(visual: nn.Module, arch: str | None = None) -> None:

@@ -136,6 +136,21 @@ def lens_from(w_o: list[torch.Tensor], b_o: list[torch.Tensor | None], ls: list[
                 centring=norm_kind(norm) == "layer")
 
 
+def compose_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(P [W, D], b [D])`` with ``x @ P + b`` = applying ``linears`` in order (x @ W1ᵀ + b1, then
+    @ W2ᵀ + b2, …); ``(None, None)`` for none."""
+    proj, bias = None, None
+    for lin in linears:
+        w = lin.weight.T                                                  # [in, out]
+        if proj is None:
+            proj, bias = w, lin.bias
+            continue
+        proj, bias = proj @ w, (bias @ w if bias is not None else None)
+        if lin.bias is not None:
+            bias = lin.bias if bias is None else bias + lin.bias
+    return proj, bias
+
+
 @torch.no_grad()
 def raw_units(norm: nn.Module | None, proj: torch.Tensor | None, x: torch.Tensor, embed: torch.Tensor,
               z: list[torch.Tensor], mlps: list[torch.Tensor], feature: torch.Tensor,

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .readout import compose_linears
+
 PERTURB_SCALE = 0.1
 # parameters that are not 1-D but are "additive constants" of the stream like biases
 TOKEN_PARAM = re.compile(r"(^|\.)(cls_token|reg_token|dist_token|pos_embed|class_embedding|"
@@ -417,16 +419,7 @@ def open_clip_reference(visual: nn.Module, images: torch.Tensor) -> Reference:
     from open_clip.timm_model import TimmModel
     if isinstance(visual, TimmModel):
         linears = [m for m in [visual.trunk.head] + list(visual.head.children()) if isinstance(m, nn.Linear)]
-        proj, bias = None, None
-        for lin in linears:                                                   # x @ W1ᵀ + b1, then @ W2ᵀ + b2 …
-            w = lin.weight.T
-            if proj is None:
-                proj, bias = w, lin.bias
-                continue
-            proj, bias = proj @ w, (bias @ w if bias is not None else None)
-            if lin.bias is not None:
-                bias = lin.bias if bias is None else bias + lin.bias
-        return timm_reference(visual.trunk, images, proj, bias)
+        return timm_reference(visual.trunk, images, *compose_linears(linears))
 
     def parts(blk):
         mha = blk.attn

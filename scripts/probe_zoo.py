@@ -41,7 +41,7 @@ ZOO = [
     ("timm", "vit_base_patch16_siglip_224", {}), ("timm", "vit_base_patch16_siglip_gap_224", {}),
     ("timm", "vit_so150m_patch16_reg4_gap_256", {}), ("timm", "vit_pe_core_small_patch16_384", {}),
     ("timm", "eva02_base_patch14_224", {}), ("timm", "eva02_small_patch14_336", {}),
-    ("timm", "vit_small_patch16_dinov3", {}), ("timm", "vit_small_patch16_dinov3", {"global_pool": "avg"}),
+    ("timm", "vit_small_patch16_dinov3", {}), ("timm", "vit_small_patch16_dinov3", {"global_pool": "token"}),
     ("timm", "aimv2_large_patch14_224", {}), ("timm", "beit_base_patch16_224", {}), ("timm", "beitv2_base_patch16_224", {}),
     ("timm", "cait_xxs24_224", {}), ("timm", "naflexvit_base_patch16_gap", {}), ("timm", "naflexvit_base_patch16_map", {}),
     ("timm", "naflexvit_base_patch16_siglip", {}), ("timm", "vit_small_patch16_18x2_224", {}),
@@ -92,12 +92,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="three small architectures")
     ap.add_argument("--only", default="", help="architectures whose name contains this")
+    ap.add_argument("--start", type=int, default=0, help="skip the first entries of the list")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=1e-5)
     args = ap.parse_args(argv)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    todo = [z for z in (SMOKE if args.smoke else ZOO) if args.only.lower() in z[1].lower()]
+    todo = [z for z in (SMOKE if args.smoke else ZOO)[args.start:] if args.only.lower() in z[1].lower()]
     bad = 0
     print(f"{'architecture':<58} {'readout':<7} {'units':>5} {'Σ err':>8} {'unit err':>8}  worst unit / refusal")
     for family, arch, kwargs in todo:

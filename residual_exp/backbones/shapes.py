@@ -10,7 +10,7 @@ import torch
 def arch_shape(model_cfg) -> tuple:
     """``(L, H, Dh, W, D, image size, patch, pool channels)`` of ``model_cfg`` (open_clip or timm
     family); pool channels: the attention pool's heads J (MAP readouts), else 0."""
-    from .timm_backbone import TimmTower
+    from .timm_backbone import TimmTower, input_grid
     size = model_cfg.get("image_size")
     params = dict(model_cfg.get("params") or {})
     with torch.device("meta"):
@@ -47,9 +47,8 @@ def arch_shape(model_cfg) -> tuple:
     J = model.attn_pool.num_heads if tower.pool.kind == "map" else 0
     if dim is None:
         dim = model.attn_pool.out_features if J else tower.width
-    pe = model.patch_embed
-    return (tower.num_layers, tower.num_heads, tower.head_dim, tower.width, dim, _first(pe.img_size),
-            _first(pe.patch_size), J)
+    size, patch = input_grid(model)
+    return (tower.num_layers, tower.num_heads, tower.head_dim, tower.width, dim, size, patch, J)
 
 
 def _first(v) -> int:

@@ -615,6 +615,16 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
     return model.eval()
 
 
+def input_grid(model: nn.Module) -> tuple[int, int]:
+    """``(image size, patch size)`` of a timm ViT (NaFlexVit: its embedding's default size, else the
+    pretrained config's input size)."""
+    first = lambda v: int(v[0] if isinstance(v, (tuple, list)) else v)
+    pe = getattr(model, "patch_embed", None) or model.embeds
+    size = getattr(pe, "img_size", None) or getattr(pe, "default_img_size", None) or \
+        (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+    return first(size), first(pe.patch_size)
+
+
 def timm_transform(model: nn.Module, image_size: int, overrides: dict | None = None):
     """timm's eval preprocessing for ``model`` at ``image_size`` px.
 
@@ -635,7 +645,6 @@ def build_timm(cfg) -> TimmBackbone:
         raise ValueError("model.arch is required for model.family=timm (e.g. model.arch=vit_large_patch16_224)")
     params = dict(cfg.params or {})
     model = create_timm(cfg.arch, cfg.pretrained, cfg.weights, cfg.image_size, cfg.cache_dir, params)
-    size = model.patch_embed.img_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    size, _ = input_grid(model)
     transform = timm_transform(model, size, params.get("data_config"))
     return TimmBackbone(cfg.name, model, transform, size, logit_scale=cfg.logit_scale)

@@ -1,10 +1,11 @@
 """open_clip CLIP models: ``clip_b``, ``clip_l``, ``openclip_b``, ``openclip_l``, ``tiny_clip``
 and the generic ``model=open_clip model.arch=… model.pretrained=…``.
 
-Two kinds of image tower decompose exactly into CLS residual units:
+Two kinds of image tower decompose exactly into residual units:
 
 * open_clip's own :class:`~open_clip.transformer.VisionTransformer` with CLS-token pooling
-  (``pool_type='tok'``, no attentional pooler).  Per-head outputs: its
+  (``pool_type='tok'``) or average pooling (``'avg'``, CLIPA: ``ln_post`` after the pool or on
+  every token), no attentional pooler.  Per-head outputs: its
   ``ResidualAttentionBlock`` uses ``nn.MultiheadAttention``, whose ``out_proj`` is never
   called as a module, so hooks on it never fire.  Inside :meth:`Backbone.decomposing` each
   block's ``attn`` gets an *instance-level* forward that computes the same attention with
@@ -12,18 +13,20 @@ Two kinds of image tower decompose exactly into CLS residual units:
   ``z [B, H, Dh]`` before the output projection (no extra cost).  The MLP contribution is
   read from ``ls_2``'s output, the embedding from ``ln_pre``'s.
 * a timm tower (:class:`~open_clip.timm_model.TimmModel`: ``trunk`` + ``head``) whose trunk is
-  a CLS-pooled timm ViT that :mod:`.timm_backbone` supports (``VisionTransformer``, ``Eva``,
-  ``VisionTransformerRelPos`` with a class token; e.g. EVA01-g-14, MobileCLIP-B,
-  MobileCLIP2-L-14, ``vit_relpos_medium_patch16_cls_224``), with a *linear* projection: the
+  a timm ViT that :mod:`.timm_backbone` supports, read at its CLS token, by average or by
+  attention pooling (SigLIP / SigLIP2 and PE-Core: ``timm_pool='map'``; EVA01-g-14,
+  MobileCLIP-B, ViTamin, ``vit_relpos_medium_patch16_cls_224``), with a *linear* projection: the
   trunk's own classifier (``timm_proj`` unset: ``trunk.head``, with bias) and/or
   ``TimmModel.head.proj`` (``timm_proj='linear'``), composed into one ``[W, D]`` map + bias.
 
 The architecture is checked before anything is loaded: :func:`check_open_clip_arch` reads
 ``open_clip.get_model_config(arch)`` and refuses what cannot be decomposed, naming the part
-(attention / average pooling, CoCa's attentional pooler, ResNet towers, MLP heads, custom
+(max pooling, CoCa's attentional pooler, ResNet towers, 2-D attention pools, MLP heads, custom
 blocks), then builds the image tower alone on the meta device for the structural check.  The
 tokenizer is loaded lazily, on the first :meth:`OpenClipBackbone.tokenize` (some, e.g. SigLIP's,
-come from the hub), so a supported model builds offline with random weights.
+come from the hub), and a Hugging Face text tower (nllb / xlm-roberta / mt5 CLIPs) is built on
+the first ``encode_text`` (:class:`VisionOnlyCLIP`), so a supported model builds, decomposes and
+trains with ``classifier=prototype`` offline; text needed offline fails in one line.
 """
 from __future__ import annotations
 

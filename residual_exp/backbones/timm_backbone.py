@@ -1,12 +1,22 @@
 """timm Vision Transformers: ``vit_l``, ``dinov2_l`` and the generic
 ``model=timm model.arch=… model.pretrained=<timm tag | HF ViT repo | null>``.
 
-Three timm model classes decompose exactly into residual units at the CLS token when they
-are CLS-pooled (``global_pool='token'``, a class token, no attention pool), use pre-norm
-blocks and end in one LayerNorm (``norm`` before the pool or ``fc_norm`` after it) or none:
+These timm model classes decompose exactly into residual units when their blocks add their
+attention and MLP branches to the stream unchanged (pre-norm, or parallel branches), one
+LayerNorm or RmsNorm is the final norm (``norm`` before the pool or ``fc_norm`` after it) or
+there is none, and the readout is the CLS token (``global_pool='token'``), the token mean
+(``'avg'``) or timm's attention pool (``'map'``, :mod:`residual_exp.decompose.pooling`):
 
-* :class:`~timm.models.vision_transformer.VisionTransformer` (ViT, DINOv2, CLIP-style towers
-  with ``pre_norm``, registers, LayerScale) with timm's ``Block`` / ``Attention``;
+* :class:`~timm.models.vision_transformer.VisionTransformer` (ViT, DINOv2, SigLIP, AIMv2,
+  CLIP-style towers with ``pre_norm``, registers, LayerScale) with timm's ``Block`` /
+  ``Attention``, ``ParallelScalingBlock`` (ViT-22B: one in-projection, heads and MLP in
+  parallel, fused or separate out-projections) or ``ParallelThingsBlock`` (several attention
+  branches: their heads are the layer's heads; their MLPs summed are the layer's MLP unit);
+* :class:`~timm.models.beit.Beit` (BEiT, BEiTv2: relative position bias inside the logits,
+  ``gamma_1`` / ``gamma_2``), :class:`~timm.models.naflexvit.NaFlexVit` (image input; ViT or Eva
+  blocks), and :class:`~timm.models.cait.Cait`, whose CLS units are its class-attention layers
+  (the patch tokens run through their own blocks and never add to the class token: the embed
+  unit is the class token itself);
 * :class:`~timm.models.eva.Eva` (EVA-01/02, RoPE ViTs) with ``EvaBlock`` and ``EvaAttention``
   or ``AttentionRope``: RoPE, fused or separate q/k/v, qk-norm, sigmoid-gated attention, GQA,
   SwiGLU / GluMlp / Mlp with or without the inner norm (``scale_mlp``), LayerScale
@@ -16,8 +26,10 @@ blocks and end in one LayerNorm (``norm`` before the pool or ``fc_norm`` after i
 
 Units (:class:`TimmTower` installs the hooks):
 
-* ``embed``   the CLS row of the stream entering block 0 (cls/pos embed, register tokens
-              and ``norm_pre`` already applied; CLS is index 0 in timm, registers follow it)
+* ``embed``   the stream entering block 0 (cls/pos embed, register tokens and ``norm_pre``
+              already applied; CLS is index 0 in timm, registers follow it), read as the readout
+              reads it (:meth:`~residual_exp.decompose.pooling.Pool.rows`: CLS row, token mean,
+              or every token for a deferred pool)
 * ``LlHh``    per-head outputs: a forward pre-hook on ``block.attn.proj`` sees the head
               concatenation ``[B, N, H·Dh]`` for free (every supported attention calls ``proj``
               as a module, after RoPE, relative bias, inner norm and gate); head h's unit is
@@ -31,7 +43,7 @@ Units (:class:`TimmTower` installs the hooks):
 * ``Ll.mlp``  the CLS row of ``block.ls2``'s output (MLP × LayerScale; Eva: ``mlp`` × ``gamma_2``)
 * ``attn_bias``, ``out_bias``  Σ_l ``proj.bias`` (× LayerScale) and the final norm's β
 
-The feature is timm's pre-logits CLS feature after the final norm,
+The feature is timm's pre-logits feature after the final norm and the pool,
 ``model.forward_head(model.forward_features(x), pre_logits=True)`` (1024-d for ViT-L); the
 final norm is linearised by :mod:`residual_exp.decompose.readout` with no projection (units
 live in the model width).  No text tower: zero-shot
@@ -65,13 +77,15 @@ squash resize, mean = std = 0.5).  ``model.pretrained=augreg_in21k_ft_in1k`` sel
 AugReg run instead.
 
 Refused (:class:`UnsupportedArchitecture`, one line naming the part; the architecture is
-checked on the meta device before any weights are read or downloaded): other model classes
-(ResNets, ConvNeXt, Swin, FastViT, …); ``global_pool`` other than ``'token'`` (average/max
-pooling, ``map`` attention pooling as in SigLIP / PE, no pooling); no class token; both a
-final norm and an ``fc_norm``, or a final norm that is not a LayerNorm (RmsNorm); blocks that
-are not the pre-norm ones (``ResPostBlock``, ``EvaBlockPostNorm`` as in EVA02-E,
-``ResPostRelPosBlock``, parallel blocks, subclasses overriding ``forward``); attention modules
-other than the ones above; models overriding ``forward_features`` / ``forward_head`` / ``pool`` (DeiT's distillation token).
+checked on the meta device before any weights are read or downloaded): models without a stream
+of global-attention blocks (ResNets, ConvNeXt, Swin, FastViT, …); max / avg+max / no pooling
+(with the CLS hint where there is a class token); attention pools with several latents, a
+position embedding or an ``fc_norm`` after them; CaiT read by average pooling; both a final
+norm and an ``fc_norm``, or a final norm that is neither a LayerNorm nor an RmsNorm; blocks whose
+forward is not one of the above (``ResPostBlock``, ``EvaBlockPostNorm`` as in EVA02-E,
+``ResPostRelPosBlock``, subclasses overriding ``forward``); attention modules other than the
+ones above; models overriding ``forward_features`` / ``forward_head`` / ``pool`` (DeiT's
+distillation token).
 """
 from __future__ import annotations
 
@@ -397,7 +411,7 @@ def _fused_mlp_hook(sink: list, proj: nn.Linear, scale, rows):
 
 
 class TimmBackbone(Backbone):
-    """A CLS-pooled timm ViT; the feature is the pre-logits CLS token after the final norm."""
+    """A timm ViT; the feature is its pre-logits feature (CLS token, token mean or attention pool)."""
 
     family = "timm"
 

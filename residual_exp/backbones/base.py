@@ -87,7 +87,9 @@ class Backbone(nn.Module, abc.ABC):
     def _install(self, hs, store: dict) -> None:
         """Install hooks/instance forwards on ``hs`` that fill ``store`` during a forward:
         ``embed`` ``[B, W]``, ``heads`` (per layer ``[B, H, Dh]``), ``mlps`` (per layer ``[B, W]``)
-        and ``final_in`` ``[B, W]``, the CLS row entering the final norm."""
+        and ``final_in`` ``[B, W]``, the row entering the final norm — each read by
+        ``self.pooling().rows`` (CLS row, token mean, or every token ``[B, N, …]`` for a deferred
+        pool); attention pools add ``pool_weights`` ``[B, J, n]`` and ``pool_mlp`` ``[B, D0]``."""
 
     @abc.abstractmethod
     def lens(self) -> Lens:

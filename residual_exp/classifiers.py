@@ -8,9 +8,16 @@
   not normalised): :func:`class_means`; ``cosine`` — the per-class mean of the L2-normalised
   features, renormalised, times the model's logit scale: :func:`prototype_weights`.
 
-The head is :class:`ClassifierHead`: ``logits = scale · normalize(f) @ Wᵀ`` with ``W``
+The head is :class:`ClassifierHead`: ``logits = scale · normalize(f) @ Wᵀ + bias`` with ``W``
 row-normalised (text heads, cosine prototypes) or as given (mean prototypes).  Nothing in it
-is trained.
+is trained.  A text head uses the model's own logit scale and, for SigLIP-style models trained
+with a sigmoid loss, its logit bias: the zero-shot logits are the model's (argmax as the model's).
+Training runs cross-entropy over these logits; a bias shared by every class cancels in the
+softmax, so it changes probabilities under a sigmoid only, never the loss or the argmax.
+
+Which head (top-level ``classifier``): ``auto`` (the text head when the model has a text tower,
+else prototypes), ``text`` or ``prototype`` (class-mean image prototypes for any model: no text
+tower, tokenizer or hub file is touched).
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .catalog import Prototype, names
+from .catalog import Classifier, Prototype, names
 
 
 @torch.no_grad()
@@ -53,6 +60,23 @@ def prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes:
 PROTOTYPES = names(Prototype)
 
 
+def head_kind(choice: str, has_text: bool) -> str:
+    """``text`` or ``prototype``: what ``classifier=choice`` means for a model (``auto``: the text
+    head when there is a text tower)."""
+    if choice not in set(Classifier):
+        raise ValueError(f"classifier={choice!r}; valid: {' | '.join(Classifier)}")
+    if choice == "auto":
+        return "text" if has_text else "prototype"
+    if choice == "text" and not has_text:
+        raise ValueError("classifier=text: the model has no text tower; use classifier=prototype (or auto)")
+    return choice
+
+
+def record_kind(choice: str, has_text: bool, prototype: str) -> str:
+    """The ``classifier`` field of a result: ``text`` or ``prototype-<conventions.prototype>``."""
+    return "text" if head_kind(choice, has_text) == "text" else f"prototype-{prototype}"
+
+
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[C, D]`` raw per-class means of the features (float64 sums), the official prototypes."""
     f = features.double()
@@ -66,13 +90,14 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 
 def frozen_classifier(backbone, classnames: Sequence[str], templates: Sequence[str], cache, model_id: dict,
                       train_encoding: Callable, device: str | torch.device = "cpu",
-                      progress: bool = True, prototype: str = "mean") -> "ClassifierHead":
+                      progress: bool = True, prototype: str = "mean", choice: str = "auto") -> "ClassifierHead":
     """The frozen head every method trains against: zero-shot text centroids (cached per
-    model identity × class names × templates), or — for models without a text tower — the
-    prototypes of the train split (``prototype``: ``mean`` | ``cosine``, see the module
-    docstring); ``train_encoding()`` returns its cached :class:`~residual_exp.encode.Encoded`
-    and is only called then."""
-    if backbone.has_text:
+    model identity × class names × templates) with the model's logit scale and bias, or — for
+    models without a text tower, or any model with ``choice='prototype'`` — the prototypes of
+    the train split (``prototype``: ``mean`` | ``cosine``, see the module docstring);
+    ``train_encoding()`` returns its cached :class:`~residual_exp.encode.Encoded` and is only
+    called then."""
+    if head_kind(choice, backbone.has_text) == "text":
         spec = {"model": model_id, "classnames": list(classnames), "templates": list(templates)}
         build = lambda tmp: _save_weights(tmp, zero_shot_weights(backbone, classnames, templates, device,
                                                                  progress=progress).cpu())
@@ -87,7 +112,8 @@ def frozen_classifier(backbone, classnames: Sequence[str], templates: Sequence[s
         if prototype == "mean":
             return ClassifierHead(class_means(feats, labels, len(classnames)).float(), 1.0, normalize_weights=False)
         weights = prototype_weights(feats.float(), labels, len(classnames))
-    return ClassifierHead(weights.float(), backbone.logit_scale)
+        return ClassifierHead(weights.float(), backbone.logit_scale)
+    return ClassifierHead(weights.float(), backbone.logit_scale, bias=getattr(backbone, "logit_bias", 0.0))
 
 
 def _save_weights(path: Path, t: torch.Tensor) -> None:
@@ -101,14 +127,16 @@ def _load_weights(path: Path) -> torch.Tensor:
 
 
 class ClassifierHead(nn.Module):
-    """Frozen classifier ``scale · normalize(f) @ Wᵀ``; ``W`` row-normalised unless
-    ``normalize_weights=False`` (the official mean prototypes)."""
+    """Frozen classifier ``scale · normalize(f) @ Wᵀ + bias``; ``W`` row-normalised unless
+    ``normalize_weights=False`` (the official mean prototypes); ``bias``: a SigLIP model's logit
+    bias (0 otherwise)."""
 
-    def __init__(self, weights: torch.Tensor, scale: float, normalize_weights: bool = True) -> None:
+    def __init__(self, weights: torch.Tensor, scale: float, normalize_weights: bool = True, bias: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("weight", F.normalize(weights, dim=-1) if normalize_weights else weights.clone())  # [C, D]
         self.scale = float(scale)
         self.normalize_weights = bool(normalize_weights)
+        self.bias = float(bias)
 
     @property
     def num_classes(self) -> int:
@@ -116,7 +144,8 @@ class ClassifierHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         f = F.normalize(features, dim=-1)                                  # [B, D]
-        return self.scale * f @ self.weight.to(f.dtype).T                  # [B, C]
+        logits = self.scale * f @ self.weight.to(f.dtype).T                # [B, C]
+        return logits + self.bias if self.bias else logits
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 from omegaconf import MISSING
 
 from .catalog import (FAMILIES, SEED_MAX, TRAINER_PRECISIONS, Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind,
-                      CacheLayout, CheckDtype, Compat, DatasetSpec, EvrRule, Init, MethodSpec, ModelPrecision,
+                      CacheLayout, CheckDtype, Classifier, Compat, DatasetSpec, EvrRule, Init, MethodSpec, ModelPrecision,
                       ModelSpec, Others, Prototype, Score, Selection, SimilarityUnweighted, SimilarityWeights, Split,
                       UnitConvention, UnitKind, Verify, rule)
 from .errors import ConfigError
@@ -56,6 +56,9 @@ class ModelConfig:
         if fam.arch_example and node.arch is None:
             bad("arch", None, f"model.family={node.family} needs an architecture name "
                               f"(e.g. model.arch={fam.arch_example})")
+        if root.get("classifier") == Classifier.text and not fam.text:
+            bad("/classifier", Classifier.text, f"model.family={node.family} has no text tower: use "
+                                                f"classifier={Classifier.prototype} (or {Classifier.auto})")
         if fam.pretrained and node.weights is None and node.pretrained is not None \
                 and node.pretrained not in fam.pretrained:
             bad("pretrained", node.pretrained, f"model.family={node.family} takes model.pretrained="
@@ -410,6 +413,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     conventions: ConventionsConfig = field(default_factory=ConventionsConfig)
     compat: Compat = Compat.none       # official: also reproduce the official code's bugs (a)-(d) (FIDELITY.md)
+    classifier: Classifier = Classifier.auto   # frozen head: the text head when the model has a text tower, else class-mean prototypes
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = rule(0, **SEED)
     device: str = rule("auto", what="must be one of auto | cpu | cuda | cuda:N (N a GPU index ≥ 0)")
@@ -431,6 +435,9 @@ class Config:
 
 
 # --- navigating the schema tree (validation, the override precheck) --------------------------------------
+NAMED_NODES = ("task", "analysis")     # nodes whose schema their `name` selects
+
+
 def named_schemas(path: str) -> dict[str, type]:
     if path == "task":
         return TASKS
@@ -450,7 +457,7 @@ def node_schema(path: str, task: str | None = None, analysis: str | None = None)
     """The schema dataclass of the node at ``path`` (``""``: the root), or None for a leaf / free node."""
     schema = Config
     for i, part in enumerate(p for p in path.split(".") if p):
-        if i == 0 and part in ("task", "analysis"):
+        if i == 0 and part in NAMED_NODES:
             schema = named_schemas(part).get(task if part == "task" else analysis)
         else:
             hints = typing.get_type_hints(schema) if schema else {}

@@ -32,7 +32,7 @@ from .catalog import CacheLayout, names
 from .cache import Cache, file_fingerprint
 from .data.integrity import fingerprint
 from .data.registry import stack_images
-from .decompose.readout import DENSE_KEYS, LOWRANK_KEYS, DenseSource, UnitSource
+from .decompose.readout import DENSE_KEYS, WIDE_KEYS, DenseSource, UnitSource
 
 log = logging.getLogger(__name__)
 DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
@@ -78,7 +78,7 @@ class Encoded:
         for k, a in self.arrays.items():
             t = torch.from_numpy(np.ascontiguousarray(a[rows]))
             if dtype is not None and t.is_floating_point():
-                t = t.to(torch.promote_types(dtype, torch.float32) if k in ("stats", "vec_mean") else dtype)
+                t = t.to(torch.promote_types(dtype, torch.float32) if k in WIDE_KEYS else dtype)
             out[k] = t.to(device, non_blocking=True)
         return out
 
@@ -190,15 +190,14 @@ def storage_arrays(backbone, images: torch.Tensor, layout: str) -> dict[str, tor
 
 
 def _shapes(backbone, layout: str) -> dict[str, tuple[int, ...]]:
-    L, H, D = backbone.num_layers, backbone.num_heads, backbone.output_dim
+    D = backbone.output_dim
     if layout == "dense":
         return {"units": (len(backbone.layout), D), "feature": (D,)}
-    r = backbone.readout()
-    return {"z": (L * H, r.head_dim), "vec": (1 + L, D), "vec_mean": (1 + L,), "stats": (2,), "feature": (D,)}
+    return backbone.readout().storage_shapes()
 
 
 def _np_dtype(key: str, dtype: str):
-    wide = key in ("stats", "vec_mean")                 # per-sample scalars: never below float32
+    wide = key in WIDE_KEYS                             # per-sample scalars: never below float32
     return np.float64 if dtype == "float64" else (np.float32 if wide else DTYPES[dtype])
 
 
@@ -233,7 +232,7 @@ def _encode_to(tmp: Path, backbone, split_ds, device, batch_size: int, num_worke
 
 
 def load_encoded(path: Path, memory_budget_gb: float, layout: str, source: UnitSource | None) -> Encoded:
-    keys = LOWRANK_KEYS if layout == "lowrank" else DENSE_KEYS
+    keys = source.keys if layout == "lowrank" else DENSE_KEYS
     maps = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in keys}
     size = sum(a.nbytes for a in maps.values())
     stream = size > memory_budget_gb * 2**30
@@ -257,6 +256,8 @@ def encode_split(backbone, split_ds, cache: Cache, identity: dict, device, batch
             if layout == "dense" else {"layers": backbone.num_layers, "heads": backbone.num_heads}}
     if layout == "dense":
         spec["convention"] = backbone.convention
+    if backbone.pooling().kind != "token":        # what the stored rows are (CLS-token specs keep their keys)
+        spec["readout"] = backbone.pooling().kind
     source = source_for(backbone, layout)
     return cache.get_or_build(
         "encodings", spec,

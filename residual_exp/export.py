@@ -10,7 +10,10 @@ token — per head its value mix ``z_h``, per MLP (and the embedding) its projec
 
 with one ``D × head_dim`` matrix per head and one ``D × D`` matrix per MLP (:class:`Folded`).
 The exported forward never builds the ``[B, U, D]`` unit stack; its cost is the plain forward
-plus a few CLS-token matrix products.  ``base``, ``linear_adapter`` and ``spectral_adapter``
+plus a few CLS-token matrix products.  An attention-pooled readout (MAP) has no per-unit map to
+fold into (its units are stored as such, :mod:`residual_exp.decompose.pooling`): the fold is one
+``D × D`` matrix per unit on the units the decomposed forward rebuilds (``units``; ~U·D² numbers,
+e.g. 370 MB in float32 for SigLIP B/16 with every unit adapted).  ``base``, ``linear_adapter`` and ``spectral_adapter``
 read only the model's feature ``f`` (``W f + b``) and run the plain forward; ``finetune``
 exports its tuned image tower.
 
@@ -30,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .decompose.readout import Readout
+from .decompose.readout import UnitSource
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
@@ -48,6 +51,7 @@ class Folded:
     b_mu: torch.Tensor | None = None         # [D]           on µ / σ
     bias: torch.Tensor | None = None         # [D]
     feature: torch.Tensor | None = None      # [D, D]        on the model's feature f
+    units: torch.Tensor | None = None        # [U, D, D]     on every unit (sources without maps: MAP readouts)
     batch_mean: "Folded | None" = None       # compat=official (d): added as the batch mean
     extra: dict = field(default_factory=dict)
 
@@ -66,14 +70,16 @@ class Folded:
 
     @property
     def needs_units(self) -> bool:
-        return any(t is not None for t in (self.heads, self.vectors, self.b_inv, self.b_mu)) or \
+        return any(t is not None for t in (self.heads, self.vectors, self.b_inv, self.b_mu, self.units)) or \
             (self.batch_mean is not None and self.batch_mean.needs_units)
 
-    def apply(self, raw: dict | None, feature: torch.Tensor) -> torch.Tensor:
+    def apply(self, raw: dict | None, feature: torch.Tensor, source=None) -> torch.Tensor:
         """The adapted feature ``[B, D]`` from :meth:`Backbone.decompose_raw`'s output (or, for
-        feature-only folds, from the plain feature)."""
+        feature-only folds, from the plain feature); ``source`` reads ``raw`` as units (``units``)."""
         dt = next(v.dtype for v in self.__dict__.values() if isinstance(v, torch.Tensor))
         y = torch.zeros(feature.shape[0], self.dim, dtype=dt, device=feature.device)
+        if raw is not None and self.units is not None:
+            y = y + torch.einsum("bud,ued->be", source.units(raw).to(dt), self.units)
         if raw is not None and self.needs_units:
             st = raw["stats"].to(dt)
             inv = 1.0 / st[:, 0:1]                                              # [B, 1]
@@ -89,26 +95,32 @@ class Folded:
         if self.bias is not None:
             y = y + self.bias
         if self.batch_mean is not None:
-            y = y + self.batch_mean.apply(raw, feature).mean(0, keepdim=True)
+            y = y + self.batch_mean.apply(raw, feature, source).mean(0, keepdim=True)
         return y
 
 
 class Accumulator:
     """Sums per-unit linear maps ``F_u`` on lifted inputs into the :class:`Folded` layout."""
 
-    def __init__(self, readout: Readout) -> None:
+    def __init__(self, readout: UnitSource) -> None:
         self.r = readout
         D, Dh, L = readout.layout_dim, readout.head_dim, readout.layout.num_layers
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)
-        self.f = Folded(D, heads=z(L * readout.num_heads, D, Dh), vectors=z(L + 1, D, D), vec_mean=z(L + 1, D),
-                        b_inv=z(D), b_mu=z(D), bias=z(D))
+        self.on_units = readout.maps("heads") is None              # units stored as such (MAP readouts)
+        if self.on_units:
+            self.f = Folded(D, units=z(len(readout.layout), D, D), bias=z(D))
+        else:
+            self.f = Folded(D, heads=z(L * readout.num_heads, D, Dh), vectors=z(L + 1, D, D), vec_mean=z(L + 1, D),
+                            b_inv=z(D), b_mu=z(D), bias=z(D))
         self.pos = {u: (g, p) for g, idx in readout.groups.items() for p, u in enumerate(idx)}
 
     def add(self, unit: int, F_lift: torch.Tensor) -> None:
         """``F_lift`` ``[D, R]``: the unit's contribution as a map of its lifted input."""
         g, p = self.pos[int(unit)]
         Fl, f = F_lift.double(), self.f
-        if g == "heads":                     # x = [z/σ, 1/σ, µ/σ, 1]
+        if self.on_units:                    # x = the unit itself
+            f.units[int(unit)] += Fl
+        elif g == "heads":                   # x = [z/σ, 1/σ, µ/σ, 1]
             Dh = self.r.head_dim
             f.heads[p] += Fl[:, :Dh]
             f.b_inv += Fl[:, Dh]; f.b_mu += Fl[:, Dh + 1]; f.bias += Fl[:, Dh + 2]
@@ -122,7 +134,8 @@ class Accumulator:
     def add_unit_map(self, unit: int, M: torch.Tensor) -> None:
         """``M`` ``[D, D]`` acting on the unit itself (``unit = G x``): folded as ``M G``."""
         g, p = self.pos[int(unit)]
-        self.add(unit, M.double() @ self.r.maps(g)[p].double())
+        G = self.r.maps(g)
+        self.add(unit, M.double() if G is None else M.double() @ G[p].double())
 
 
 class AdaptedModel(nn.Module):
@@ -130,8 +143,9 @@ class AdaptedModel(nn.Module):
     ``forward(images) -> logits``, ``preprocess`` (PIL image → tensor), ``classnames``."""
 
     def __init__(self, backbone, folded: Folded, classifier_weight: torch.Tensor, scale: float,
-                 normalize_weights: bool, classnames: list[str], config: dict) -> None:
+                 normalize_weights: bool, classnames: list[str], config: dict, bias: float = 0.0) -> None:
         super().__init__()
+        self.bias = float(bias)
         self.backbone = backbone
         self.folded = folded
         for k, v in folded.tensors().items():                 # the dtype given (float32 from an export folder)
@@ -158,7 +172,7 @@ class AdaptedModel(nn.Module):
         images = images.to(next(bb.parameters()).device, next(bb.parameters()).dtype)
         if self.folded.needs_units:
             raw = bb.decompose_raw(images)
-            feats = self.folded.apply(raw, raw["feature"])
+            feats = self.folded.apply(raw, raw["feature"], bb.readout())
         else:
             feats = self.folded.apply(None, bb.encode_image(images))
         return F.normalize(feats, dim=-1) if normalize else feats
@@ -167,7 +181,8 @@ class AdaptedModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         f = F.normalize(self.encode_image(images), dim=-1)
         w = F.normalize(self.classifier, dim=-1) if self.normalize_weights else self.classifier
-        return self.scale * f @ w.to(f.dtype).T
+        logits = self.scale * f @ w.to(f.dtype).T
+        return logits + self.bias if self.bias else logits
 
 
 def load_adapted(folder: str | Path, device: str = "cpu") -> AdaptedModel:
@@ -197,4 +212,4 @@ def load_adapted(folder: str | Path, device: str = "cpu") -> AdaptedModel:
     folded = Folded.from_tensors(tensors, int(config["output_dim"]))
     c = config["classifier"]
     return AdaptedModel(backbone, folded, cls, c["scale"], c["normalize_weights"], config["classnames"],
-                        config).to(device).eval()
+                        config, c.get("bias", 0.0)).to(device).eval()

@@ -105,8 +105,9 @@ class Session:
         return self.bases(reference_dataset(pca, self.cfg.dataset), pca.split, pca.max_samples)
 
     def classifier(self, ds_cfg, classnames, templates, train_encoding=None) -> ClassifierHead:
-        """The frozen head every method trains against (text centroids, or train-split prototypes
-        for models without a text tower: ``train_encoding()`` or the cached train encoding)."""
+        """The frozen head every method trains against (``classifier``: text centroids, or train-split
+        prototypes — ``train_encoding()`` or the cached train encoding)."""
         train = train_encoding or (lambda: self.encode(ds_cfg, "train")[0])
         return frozen_classifier(self.backbone, classnames, templates, self.cache, self.model_id, train,
-                                 self.device, self.progress, self.cfg.conventions.prototype)
+                                 self.device, self.progress, self.cfg.conventions.prototype,
+                                 self.cfg.get("classifier", "auto"))

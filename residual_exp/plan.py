@@ -45,12 +45,17 @@ def split_sizes(spec, params: dict | None = None) -> dict[str, int]:
 
 
 def bytes_per_image(spec, layout: str = "lowrank", dtype: str = "float16") -> int:
-    """Cache bytes per image of a model (its :class:`ModelSpec`) in ``layout`` / ``dtype``."""
-    L, H, Dh, D = spec.layers, spec.heads, spec.head_dim, spec.output_dim
+    """Cache bytes per image of a model (its :class:`ModelSpec`) in ``layout`` / ``dtype``.  An
+    attention-pooled readout (``spec.pool_heads`` = J) stores every unit's D-dim linear part with J
+    per-pool-head means, and 2J statistics."""
+    L, H, Dh, D, J = spec.layers, spec.heads, spec.head_dim, spec.output_dim, spec.pool_heads
     b = BYTES[dtype]
+    pool = 1 if J else 0                                   # the pool.mlp unit
     if layout == "dense":
-        return (1 + L * (H + 1)) * D * b + D * b + 8
+        return (1 + L * (H + 1) + pool) * D * b + D * b + 8
     wide = 8 if dtype == "float64" else 4
+    if J:
+        return (L * H * D + (1 + L + pool) * D + D) * b + (L * H * J + (1 + L + pool) * J + 2 * J) * wide + 8
     return (L * H * Dh + (1 + L) * D + D) * b + (2 + 1 + L) * wide + 8
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .catalog import options as group_options
 from .catalog.fields import BOUNDS, bounds_text, fmt, one_of
-from .config import Config, named_schemas, node_schema, sub_type, suggestion
+from .config import NAMED_NODES, Config, named_schemas, node_schema, sub_type, suggestion
 from .errors import ConfigError, JobFailed
 
 __all__ = ["ConfigError", "JobFailed", "validate", "fmt", "one_of", "group_options"]
@@ -83,7 +83,7 @@ class _Walk:
                 self.bad(path, v, "must be a dict (key: value, …)")
             return
         inner, optional = sub_type(hint)
-        if path in ("task", "analysis"):
+        if path in NAMED_NODES:
             return self.named(path, raw)
         if dataclasses.is_dataclass(inner):
             v = self.get(path)

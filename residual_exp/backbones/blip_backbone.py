@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from ..decompose.readout import Lens, lens_from
+from ..decompose.references import blip_reference
 from ..decompose.stack import cls_heads_pre_hook, cls_input_pre_hook
 from .base import Backbone, UnknownArchitecture, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
@@ -258,7 +259,9 @@ def create_blip(arch: str, pretrained: str | None = None, weights: str | None = 
 
 
 @register_backbone("blip", "BLIP ITC retrieval models (transformers BlipForImageTextRetrieval): "
-                           "model.arch=<preset> model.pretrained=<hub repo | null>")
+                           "model.arch=<preset> model.pretrained=<hub repo | null>",
+                   reference=lambda bb, images: blip_reference(bb.vision.vision_model, images,
+                                                               bb.vision.interpolate_pos_encoding, bb.vision.vision_proj))
 def build_blip(cfg) -> BlipBackbone:
     if not cfg.arch:
         raise ValueError(f"model.arch is required for model.family=blip; presets: {sorted(PRESETS)}")

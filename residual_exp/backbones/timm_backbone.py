@@ -1,12 +1,22 @@
 """timm Vision Transformers: ``vit_l``, ``dinov2_l`` and the generic
 ``model=timm model.arch=… model.pretrained=<timm tag | HF ViT repo | null>``.
 
-Three timm model classes decompose exactly into residual units at the CLS token when they
-are CLS-pooled (``global_pool='token'``, a class token, no attention pool), use pre-norm
-blocks and end in one LayerNorm (``norm`` before the pool or ``fc_norm`` after it) or none:
+These timm model classes decompose exactly into residual units when their blocks add their
+attention and MLP branches to the stream unchanged (pre-norm, or parallel branches), one
+LayerNorm or RmsNorm is the final norm (``norm`` before the pool or ``fc_norm`` after it) or
+there is none, and the readout is the CLS token (``global_pool='token'``), the token mean
+(``'avg'``) or timm's attention pool (``'map'``, :mod:`residual_exp.decompose.pooling`):
 
-* :class:`~timm.models.vision_transformer.VisionTransformer` (ViT, DINOv2, CLIP-style towers
-  with ``pre_norm``, registers, LayerScale) with timm's ``Block`` / ``Attention``;
+* :class:`~timm.models.vision_transformer.VisionTransformer` (ViT, DINOv2, SigLIP, AIMv2,
+  CLIP-style towers with ``pre_norm``, registers, LayerScale) with timm's ``Block`` /
+  ``Attention``, ``ParallelScalingBlock`` (ViT-22B: one in-projection, heads and MLP in
+  parallel, fused or separate out-projections) or ``ParallelThingsBlock`` (several attention
+  branches: their heads are the layer's heads; their MLPs summed are the layer's MLP unit);
+* :class:`~timm.models.beit.Beit` (BEiT, BEiTv2: relative position bias inside the logits,
+  ``gamma_1`` / ``gamma_2``), :class:`~timm.models.naflexvit.NaFlexVit` (image input; ViT or Eva
+  blocks), and :class:`~timm.models.cait.Cait`, whose CLS units are its class-attention layers
+  (the patch tokens run through their own blocks and never add to the class token: the embed
+  unit is the class token itself);
 * :class:`~timm.models.eva.Eva` (EVA-01/02, RoPE ViTs) with ``EvaBlock`` and ``EvaAttention``
   or ``AttentionRope``: RoPE, fused or separate q/k/v, qk-norm, sigmoid-gated attention, GQA,
   SwiGLU / GluMlp / Mlp with or without the inner norm (``scale_mlp``), LayerScale
@@ -16,8 +26,10 @@ blocks and end in one LayerNorm (``norm`` before the pool or ``fc_norm`` after i
 
 Units (:class:`TimmTower` installs the hooks):
 
-* ``embed``   the CLS row of the stream entering block 0 (cls/pos embed, register tokens
-              and ``norm_pre`` already applied; CLS is index 0 in timm, registers follow it)
+* ``embed``   the stream entering block 0 (cls/pos embed, register tokens and ``norm_pre``
+              already applied; CLS is index 0 in timm, registers follow it), read as the readout
+              reads it (:meth:`~residual_exp.decompose.pooling.Pool.rows`: CLS row, token mean,
+              or every token for a deferred pool)
 * ``LlHh``    per-head outputs: a forward pre-hook on ``block.attn.proj`` sees the head
               concatenation ``[B, N, H·Dh]`` for free (every supported attention calls ``proj``
               as a module, after RoPE, relative bias, inner norm and gate); head h's unit is
@@ -31,7 +43,7 @@ Units (:class:`TimmTower` installs the hooks):
 * ``Ll.mlp``  the CLS row of ``block.ls2``'s output (MLP × LayerScale; Eva: ``mlp`` × ``gamma_2``)
 * ``attn_bias``, ``out_bias``  Σ_l ``proj.bias`` (× LayerScale) and the final norm's β
 
-The feature is timm's pre-logits CLS feature after the final norm,
+The feature is timm's pre-logits feature after the final norm and the pool,
 ``model.forward_head(model.forward_features(x), pre_logits=True)`` (1024-d for ViT-L); the
 final norm is linearised by :mod:`residual_exp.decompose.readout` with no projection (units
 live in the model width).  No text tower: zero-shot
@@ -65,13 +77,15 @@ squash resize, mean = std = 0.5).  ``model.pretrained=augreg_in21k_ft_in1k`` sel
 AugReg run instead.
 
 Refused (:class:`UnsupportedArchitecture`, one line naming the part; the architecture is
-checked on the meta device before any weights are read or downloaded): other model classes
-(ResNets, ConvNeXt, Swin, FastViT, …); ``global_pool`` other than ``'token'`` (average/max
-pooling, ``map`` attention pooling as in SigLIP / PE, no pooling); no class token; both a
-final norm and an ``fc_norm``, or a final norm that is not a LayerNorm (RmsNorm); blocks that
-are not the pre-norm ones (``ResPostBlock``, ``EvaBlockPostNorm`` as in EVA02-E,
-``ResPostRelPosBlock``, parallel blocks, subclasses overriding ``forward``); attention modules
-other than the ones above; models overriding ``forward_features`` / ``forward_head`` / ``pool`` (DeiT's distillation token).
+checked on the meta device before any weights are read or downloaded): models without a stream
+of global-attention blocks (ResNets, ConvNeXt, Swin, FastViT, …); max / avg+max / no pooling
+(with the CLS hint where there is a class token); attention pools with several latents, a
+position embedding or an ``fc_norm`` after them; CaiT read by average pooling; both a final
+norm and an ``fc_norm``, or a final norm that is neither a LayerNorm nor an RmsNorm; blocks whose
+forward is not one of the above (``ResPostBlock``, ``EvaBlockPostNorm`` as in EVA02-E,
+``ResPostRelPosBlock``, subclasses overriding ``forward``); attention modules other than the
+ones above; models overriding ``forward_features`` / ``forward_head`` / ``pool`` (DeiT's
+distillation token).
 """
 from __future__ import annotations
 
@@ -80,13 +94,16 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..decompose.readout import Lens, lens_from
+from ..decompose.pooling import MapLens, Pool, map_weights_hook
+from ..decompose.readout import Lens, lens_from, norm_kind
+from ..decompose.references import timm_reference
 from ..decompose.stack import cls_heads_pre_hook, cls_input_pre_hook, layer_scale
 from .base import Backbone, UnknownArchitecture, UnsupportedArchitecture, register_backbone
 from .weights import WeightsUnavailable, check_local_file, offline_hint
@@ -97,42 +114,89 @@ HF_VIT_LAYER_NORM_EPS = 1e-12   # transformers ViTConfig default (Google's ViT c
 
 
 # --- architecture checks ----------------------------------------------------------------
-_POOL_NAMES = {"avg": "average pooling", "max": "max pooling", "avgmax": "average+max pooling",
-               "avgmaxc": "average+max pooling", "": "no pooling (every token is returned)"}
+_POOL_NAMES = {"max": "max pooling", "avgmax": "average+max pooling", "avgmaxc": "average+max pooling",
+               "": "no pooling (every token is returned)"}
+CLS_HINT = " (to read this model's CLS token instead: +model.params.create_kwargs.global_pool=token)"
 
 
-def _check_pool(model: nn.Module) -> None:
-    """A CLS-token readout: ``global_pool='token'``, no attention pool, a class token."""
-    gp = getattr(model, "global_pool", None)
-    if getattr(model, "attn_pool", None) is not None or gp == "map":
-        raise UnsupportedArchitecture(
-            f"global_pool={gp!r}: map (attention) pooling (SigLIP, PE): the readout is not linear in the "
-            "residual units; only CLS-token pooling ('token') decomposes")
-    if gp != "token":
-        kind = _POOL_NAMES.get(gp, f"{gp!r} pooling")
-        raise UnsupportedArchitecture(
-            f"global_pool={gp!r}: {kind} mixes the patch tokens into the readout; only CLS-token pooling "
-            "('token') is linear in the CLS residual units"
-            + ("" if getattr(model, "cls_token", None) is None else
-               " (to read this model's CLS token instead: +model.params.create_kwargs.global_pool=token)"))
-    if getattr(model, "cls_token", None) is None:
-        raise UnsupportedArchitecture("no class token (class_token=False): there is no CLS row to decompose")
+@dataclass
+class BlockUnits:
+    """Where one block's units live: the out-projections whose input is a head concatenation
+    (several for parallel attention branches), the modules whose outputs make the MLP unit, and
+    the per-branch ``(W_O [W, H·Dh], bias, LayerScale)`` of the lens."""
+    projs: list            # [(module, heads, head_dim, width of the head concatenation or None)]
+    mlps: list             # [(module, "out" | "fused", LayerScale getter)]: output × scale, summed
+    lens: list             # [(weight, bias, ls)] per attention branch
 
 
-def _final_norm(model: nn.Module) -> nn.Module:
-    """The one final norm of a CLS-pooled timm model: ``norm`` (before the pool) or ``fc_norm``
-    (after it, on the pooled CLS row) — ``nn.Identity`` when there is none."""
-    norm, fc = model.norm, getattr(model, "fc_norm", None) or nn.Identity()
-    if not isinstance(norm, nn.Identity) and not isinstance(fc, nn.Identity):
+def _unmodified(obj: nn.Module, cls: type) -> bool:
+    return isinstance(obj, cls) and type(obj).forward is cls.forward
+
+
+def _ls_gamma(ls) -> torch.Tensor | None:
+    return ls if isinstance(ls, torch.Tensor) or ls is None else layer_scale(ls)
+
+
+def block_units(block: nn.Module, i: int, where: str = "blocks") -> BlockUnits:
+    """The units of a pre-norm block whose branches are summed into the stream unchanged (refused,
+    naming the part, otherwise)."""
+    from timm.layers import Attention, AttentionRope, LayerScale
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.beit import Block as BeitBlock
+    from timm.models.cait import ClassAttn, LayerScaleBlockClassAttn
+    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
+    from timm.models.vision_transformer import Block, ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
+    from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock
+    name = f"{where}[{i}]"
+    if isinstance(block, (ResPostBlock, ResPostRelPosBlock, EvaBlockPostNorm)):
         raise UnsupportedArchitecture(
-            f"both a final norm ({type(norm).__name__}) and an fc_norm ({type(fc).__name__}) are set: "
-            "two norms in a row are not supported by the single-LayerNorm lens")
-    final = fc if not isinstance(fc, nn.Identity) else norm
-    if not isinstance(final, (nn.LayerNorm, nn.Identity)):
-        where = "fc_norm" if final is fc else "final norm"
-        raise UnsupportedArchitecture(
-            f"{where} {type(final).__name__} is not a LayerNorm: the LayerNorm lens does not apply")
-    return final
+            f"{name} is {type(block).__name__} (res-post-norm, e.g. EVA02-E, vit_relpos_*_rpn): a norm over the "
+            "summed heads after the output projection mixes the heads, so per-head units are undefined")
+
+    def attn(a, classes, what: str):
+        if not any(_unmodified(a, c) for c in classes):
+            raise UnsupportedArchitecture(f"{what} is {type(a).__name__}, not {' / '.join(c.__name__ for c in classes)}: "
+                                          "per-head outputs unavailable")
+        return a
+
+    if _unmodified(block, Block) or _unmodified(block, RelPosBlock):
+        a = attn(block.attn, (Attention, AttentionRope, RelPosAttention), f"{name}.attn")
+        for ls_name in ("ls1", "ls2"):
+            if not isinstance(getattr(block, ls_name), (LayerScale, nn.Identity)):
+                raise UnsupportedArchitecture(f"{name}.{ls_name} is {type(getattr(block, ls_name)).__name__}, "
+                                              "not LayerScale or Identity")
+        return BlockUnits([(a.proj, a.num_heads, a.head_dim, None)], [(block.ls2, "out", lambda: None)],
+                          [(a.proj.weight, a.proj.bias, layer_scale(block.ls1))])
+    if _unmodified(block, EvaBlock) or _unmodified(block, BeitBlock) or _unmodified(block, LayerScaleBlockClassAttn):
+        classes = {EvaBlock: (EvaAttention, AttentionRope), BeitBlock: (BeitAttention,),
+                   LayerScaleBlockClassAttn: (ClassAttn,)}[type(block)]
+        a = attn(block.attn, classes, f"{name}.attn")
+        H = a.num_heads
+        return BlockUnits([(a.proj, H, a.proj.in_features // H, None)], [(block.mlp, "out", lambda: block.gamma_2)],
+                          [(a.proj.weight, a.proj.bias, block.gamma_1)])
+    if _unmodified(block, ParallelScalingBlock):
+        if not isinstance(block.q_norm, (nn.Identity, nn.LayerNorm)) or not isinstance(block.ls, (LayerScale, nn.Identity)):
+            raise UnsupportedArchitecture(f"{name} ({type(block).__name__}): unsupported qk-norm or LayerScale")
+        W = block.in_norm.normalized_shape[0]
+        gamma = layer_scale(block.ls)
+        if block.out_proj is not None:                 # fused out-projection of [heads, MLP hidden]
+            w = block.out_proj.weight
+            return BlockUnits([(block.out_proj, block.num_heads, block.head_dim, W)],
+                              [(block.out_proj, "fused", lambda: layer_scale(block.ls))],
+                              [(w[:, :W], block.out_proj.bias, gamma)])
+        return BlockUnits([(block.attn_out_proj, block.num_heads, block.head_dim, None)],
+                          [(block.mlp_out_proj, "out", lambda: layer_scale(block.ls))],
+                          [(block.attn_out_proj.weight, block.attn_out_proj.bias, gamma)])
+    if _unmodified(block, ParallelThingsBlock):
+        projs, lens = [], []
+        for p, branch in enumerate(block.attns):
+            a = attn(branch.attn, (Attention,), f"{name}.attns[{p}].attn")
+            projs.append((a.proj, a.num_heads, a.head_dim, None))
+            lens.append((a.proj.weight, a.proj.bias, layer_scale(branch.ls)))
+        return BlockUnits(projs, [(ffn, "out", lambda: None) for ffn in block.ffns], lens)
+    raise UnsupportedArchitecture(
+        f"{name} is {type(block).__name__}: not a pre-norm block whose attention and MLP branches are added to the "
+        "stream unchanged (or a subclass overriding forward); per-head units are undefined")
 
 
 def _check_overrides(model: nn.Module, base: type, methods=("forward_features", "forward_head", "pool")) -> None:
@@ -143,83 +207,95 @@ def _check_overrides(model: nn.Module, base: type, methods=("forward_features", 
                 "averaged into the readout): the readout is not the CLS token alone")
 
 
-def _check_vit(model: nn.Module) -> None:
-    from timm.layers import Attention, LayerScale
-    from timm.models.vision_transformer import Block, VisionTransformer
-    _check_overrides(model, VisionTransformer)
-    _check_pool(model)
-    _final_norm(model)
-    for i, block in enumerate(model.blocks):
-        if not isinstance(block, Block) or type(block).forward is not Block.forward:
-            raise UnsupportedArchitecture(
-                f"blocks[{i}] is {type(block).__name__}, not timm's pre-norm Block (x + ls(attn(norm(x)))): "
-                "ResPostBlock (norm on the branch output), parallel blocks and custom blocks are not supported")
-        attn = block.attn
-        if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
-            raise UnsupportedArchitecture(
-                f"blocks[{i}].attn is {type(attn).__name__}, not timm's Attention: per-head outputs unavailable")
-        for ls_name in ("ls1", "ls2"):
-            ls = getattr(block, ls_name)
-            if not isinstance(ls, (LayerScale, nn.Identity)):
-                raise UnsupportedArchitecture(f"blocks[{i}].{ls_name} is {type(ls).__name__}, "
-                                              "not LayerScale or Identity")
+def _families() -> dict:
+    """timm model class → (readout family, the blocks whose units are read, hint of the embed hook)."""
+    from timm.models.beit import Beit
+    from timm.models.cait import Cait
+    from timm.models.eva import Eva
+    from timm.models.naflexvit import NaFlexVit
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+    return {Eva: "eva", VisionTransformerRelPos: "relpos", Beit: "beit", Cait: "cait", NaFlexVit: "naflex",
+            VisionTransformer: "vit"}
 
 
-def _check_blocks(model: nn.Module, root: type, block_cls: type, attn_classes: tuple, post_norm: type,
-                  post_norm_why: str) -> None:
-    """The shared checks of a CLS-pooled timm model made of pre-norm ``block_cls`` blocks whose
-    attention is one of ``attn_classes`` (unmodified ``forward``); ``post_norm`` blocks are refused
-    with ``post_norm_why``."""
-    _check_overrides(model, root)
-    _check_pool(model)
-    _final_norm(model)
-    for i, block in enumerate(model.blocks):
-        if isinstance(block, post_norm):
-            raise UnsupportedArchitecture(f"blocks[{i}] is {post_norm.__name__} ({post_norm_why}")
-        if not isinstance(block, block_cls) or type(block).forward is not block_cls.forward:
-            raise UnsupportedArchitecture(
-                f"blocks[{i}] is {type(block).__name__}, not timm's pre-norm {block_cls.__name__}: not supported")
-        attn = block.attn
-        if not isinstance(attn, attn_classes) or type(attn).forward not in [c.forward for c in attn_classes]:
-            raise UnsupportedArchitecture(
-                f"blocks[{i}].attn is {type(attn).__name__}, not {' / '.join(c.__name__ for c in attn_classes)}: "
-                "per-head outputs unavailable")
+def _final_norms(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return model.norm, getattr(model, "fc_norm", None) or nn.Identity()
 
 
-def _check_eva(model: nn.Module) -> None:
-    from timm.layers import AttentionRope
-    from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
-    _check_blocks(model, Eva, EvaBlock, (EvaAttention, AttentionRope), EvaBlockPostNorm,
-                  "use_post_norm=True, e.g. EVA02-E): a norm over the summed heads after the output projection "
-                  "mixes the heads, so per-head units are undefined")
+def _check_norm(norm: nn.Module, where: str) -> None:
+    if norm_kind(norm) is None:
+        raise UnsupportedArchitecture(
+            f"{where} {type(norm).__name__} is neither a LayerNorm nor an RmsNorm: no per-sample linearisation")
 
 
-def _check_relpos(model: nn.Module) -> None:
-    from timm.models.vision_transformer_relpos import (RelPosAttention, RelPosBlock, ResPostRelPosBlock,
-                                                       VisionTransformerRelPos)
-    _check_blocks(model, VisionTransformerRelPos, RelPosBlock, (RelPosAttention,), ResPostRelPosBlock,
-                  "res-post-norm, vit_relpos_*_rpn): the norm on the attention branch's output mixes the heads, "
-                  "so per-head units are undefined")
+def check_pool(model: nn.Module, kind: str) -> tuple[Pool, nn.Module]:
+    """``(the readout's Pool, the one final norm)`` of a timm model, or a refusal naming the part."""
+    from timm.layers import AttentionPoolLatent
+    gp = getattr(model, "global_pool", None)
+    attn_pool = getattr(model, "attn_pool", None)
+    norm, fc = _final_norms(model)
+    has_cls = getattr(model, "cls_token", None) is not None
+    npt = int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0))
+    start = 0 if getattr(model, "pool_include_prefix", False) else npt
+    if attn_pool is not None or gp == "map":
+        if not _unmodified(attn_pool, AttentionPoolLatent):
+            raise UnsupportedArchitecture(f"global_pool={gp!r}: attention pool {type(attn_pool).__name__} is not timm's "
+                                          "AttentionPoolLatent: not decomposed" + (CLS_HINT if has_cls else ""))
+        why = ("latent_len > 1 (several pooled queries)" if attn_pool.latent_len != 1 else
+               "a position embedding inside the pool (pos_embed='abs')" if attn_pool.pos_embed is not None else
+               f"an fc_norm ({type(fc).__name__}) after the pool" if not isinstance(fc, nn.Identity) else None)
+        if why:
+            raise UnsupportedArchitecture(f"global_pool='map': attention pool with {why} is not decomposed"
+                                          + (CLS_HINT if has_cls else ""))
+        _check_norm(norm, "final norm")
+        return Pool("map", per_token_norm=True), norm
+    if not isinstance(norm, nn.Identity) and not isinstance(fc, nn.Identity):
+        raise UnsupportedArchitecture(
+            f"both a final norm ({type(norm).__name__}) and an fc_norm ({type(fc).__name__}) are set: "
+            "two norms in a row are not supported by the single-norm lens")
+    if kind == "cait" and gp != "token":
+        raise UnsupportedArchitecture(
+            f"global_pool={gp!r}: CaiT's patch tokens are not in its class-attention stream (the residual units "
+            "are the class-attention layers'), only the CLS token (global_pool='token') decomposes")
+    if gp == "token":
+        if not has_cls:
+            raise UnsupportedArchitecture("no class token (class_token=False): there is no CLS row to decompose")
+        final = fc if not isinstance(fc, nn.Identity) else norm
+        _check_norm(final, "fc_norm" if final is fc else "final norm")
+        return Pool("token"), final
+    if gp == "avg":
+        if not isinstance(fc, nn.Identity):                 # norm after the pool
+            _check_norm(fc, "fc_norm")
+            return Pool("avg", start), fc
+        _check_norm(norm, "final norm")
+        return Pool("avg", start, per_token_norm=not isinstance(norm, nn.Identity)), norm
+    kind_name = _POOL_NAMES.get(gp, f"{gp!r} pooling")
+    raise UnsupportedArchitecture(
+        f"global_pool={gp!r}: {kind_name} is not linear in the residual units; CLS-token, average and attention "
+        "(map) pooling decompose" + (CLS_HINT if has_cls else ""))
 
 
 def check_timm_model(model: nn.Module) -> str:
-    """Refuse models whose readout is not linear in the CLS residual units (see the module
-    docstring); return the supported kind: ``vit`` | ``eva`` | ``relpos``."""
-    from timm.models.eva import Eva
-    from timm.models.vision_transformer import VisionTransformer
-    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
-    if isinstance(model, Eva):
-        _check_eva(model)
-        return "eva"
-    if isinstance(model, VisionTransformerRelPos):
-        _check_relpos(model)
-        return "relpos"
-    if isinstance(model, VisionTransformer):
-        _check_vit(model)
-        return "vit"
-    raise UnsupportedArchitecture(
-        f"{type(model).__name__} is not a timm VisionTransformer, Eva or VisionTransformerRelPos: only "
-        "CLS-pooled ViTs decompose into residual units (ResNets, ConvNeXt, Swin, FastViT, … are not supported)")
+    """Refuse models whose readout is not linear in the residual units (see the module docstring);
+    return the supported family: ``vit`` | ``eva`` | ``relpos`` | ``beit`` | ``cait`` | ``naflex``."""
+    kind = None
+    for cls, k in _families().items():
+        if isinstance(model, cls):
+            kind = k
+            _check_overrides(model, cls)
+            break
+    if kind is None:
+        has_blocks = isinstance(getattr(model, "blocks", None), (nn.ModuleList, nn.Sequential))
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__} is not a timm ViT with a residual stream of global-attention blocks "
+            + ("(its forward is not one of the ViT families' forwards the decomposition knows)" if has_blocks else
+               "(ResNets, ConvNeXt, Swin, FastViT, … have no per-head residual units)"))
+    check_pool(model, kind)
+    blocks = model.blocks_token_only if kind == "cait" else model.blocks
+    for i, block in enumerate(blocks):
+        block_units(block, i, "blocks_token_only" if kind == "cait" else "blocks")
+    return kind
 
 
 check_timm_vit = check_timm_model   # the former name
@@ -227,61 +303,115 @@ check_timm_vit = check_timm_model   # the former name
 
 class TimmTower:
     """Where the residual units of a checked timm ViT live (``VisionTransformer``, ``Eva``,
-    ``VisionTransformerRelPos``): the hooks that fill the store and the out-projections of the lens.
-    Shared by :class:`TimmBackbone` and open_clip's timm image towers."""
+    ``VisionTransformerRelPos``, ``Beit``, ``Cait``'s class-attention layers, ``NaFlexVit``): the
+    hooks that fill the store, the readout's pooling and the out-projections of the lens.  Shared
+    by :class:`TimmBackbone` and open_clip's timm image towers."""
 
     def __init__(self, model: nn.Module) -> None:
         self.kind = check_timm_model(model)
         self.model = model
-        attn = model.blocks[0].attn
-        self.num_layers, self.num_heads, self.head_dim = len(model.blocks), attn.num_heads, attn.head_dim
+        self.pool, self._final = check_pool(model, self.kind)
+        self.blocks = list(model.blocks_token_only if self.kind == "cait" else model.blocks)
+        where = "blocks_token_only" if self.kind == "cait" else "blocks"
+        self.units = [block_units(b, i, where) for i, b in enumerate(self.blocks)]
+        first = self.units[0].projs
+        self.num_layers = len(self.blocks)
+        self.num_heads = sum(h for _, h, _, _ in first)
+        self.head_dim = first[0][2]
         self.width = model.embed_dim
 
     def final_norm(self) -> nn.Module:
-        return _final_norm(self.model)
-
-    def layer_scales(self) -> tuple[list, list]:
-        """Per block ``(ls1 gamma, ls2 gamma)`` (None: no LayerScale)."""
-        if self.kind == "eva":
-            return [b.gamma_1 for b in self.model.blocks], [b.gamma_2 for b in self.model.blocks]
-        return [layer_scale(b.ls1) for b in self.model.blocks], [layer_scale(b.ls2) for b in self.model.blocks]
+        return self._final
 
     def install(self, hs, store: dict) -> None:
         # CLS rows are cloned: a view would keep each layer's whole [B, N, ·] activation alive
         # until the units are built (views cost ×3 peak memory at B/16, batch 8, in open_clip;
-        # with the copies the decomposed forward peaks at the plain forward's memory).
-        blocks = self.model.blocks
+        # with the copies the decomposed forward peaks at the plain forward's memory).  Deferred
+        # pools (attention pooling, average pooling after a per-token norm) keep the token tensors.
+        rows = self.pool.rows
         store["heads"], store["mlps"] = [], []
 
-        def embed_hook(module, args):
-            store["embed"] = args[0][:, 0].clone()                        # [B, W] CLS entering block 0
-
-        hs.forward_pre_hook(blocks[0], embed_hook)
-        for block in blocks:
-            attn = block.attn
-            hs.forward_pre_hook(attn.proj, cls_heads_pre_hook(store["heads"], attn.num_heads, attn.head_dim))
-            if self.kind == "eva":     # EvaBlock: x + gamma_2 * mlp(norm2(x)); gamma_2 is a bare parameter
-                hs.forward_hook(block.mlp, _scaled_cls_hook(store["mlps"], block))
-            else:
-                hs.forward_hook(block.ls2, lambda m, i, o: store["mlps"].append(o[:, 0].clone()))  # [B, W]
+        if self.kind == "cait":                        # the class token entering the class-attention layers
+            hs.forward_pre_hook(self.blocks[0], lambda m, args: store.__setitem__("embed", rows(args[1])))
+        else:
+            hs.forward_pre_hook(self.blocks[0], lambda m, args: store.__setitem__("embed", rows(args[0])))
+        for units in self.units:
+            for p, (proj, H, Dh, width) in enumerate(units.projs):
+                hs.forward_pre_hook(proj, _heads_hook(store["heads"], H, Dh, width, rows, p == 0))
+            for p, (module, how, scale) in enumerate(units.mlps):
+                if how == "fused":
+                    hs.forward_pre_hook(module, _fused_mlp_hook(store["mlps"], module, scale, rows))
+                else:
+                    hs.forward_hook(module, _mlp_hook(store["mlps"], scale, rows, p == 0))
+        if self.pool.kind == "map":
+            pool = self.model.attn_pool
+            hs.forward_pre_hook(pool, map_weights_hook(pool, store), with_kwargs=True)
+            if pool.mlp is not None:
+                hs.forward_hook(pool.mlp, lambda m, i, o: store.__setitem__("pool_mlp", o[:, 0]))
         # the final norm sees [B, N, W] (norm) or the pooled [B, W] (fc_norm); Identity is called too
-        hs.forward_pre_hook(self.final_norm(), cls_input_pre_hook(store, "final_in"))
+        hs.forward_pre_hook(self.final_norm(), cls_input_pre_hook(store, "final_in", rows))
 
     def out_projections(self) -> tuple[list, list, list]:
-        """``(W_O [W, H·Dh], b_O, ls1)`` per layer, for :func:`~residual_exp.decompose.readout.lens_from`."""
-        blocks = self.model.blocks
-        return [b.attn.proj.weight for b in blocks], [b.attn.proj.bias for b in blocks], self.layer_scales()[0]
+        """``(W_O [W, H·Dh], b_O, ls1)`` per layer, for :func:`~residual_exp.decompose.readout.lens_from`
+        (parallel attention branches: concatenated along the heads, LayerScale folded in)."""
+        w_o, b_o, ls = [], [], []
+        for units in self.units:
+            if len(units.lens) == 1:
+                w, b, g = units.lens[0]
+                w_o.append(w), b_o.append(b), ls.append(_ls_gamma(g))
+                continue
+            ws, bs = [], []
+            for w, b, g in units.lens:
+                g = _ls_gamma(g)
+                ws.append(w * g[:, None] if g is not None else w)
+                bs.append((b if b is not None else torch.zeros_like(w[:, 0])) * (g if g is not None else 1))
+            w_o.append(torch.cat(ws, 1)), b_o.append(sum(bs)), ls.append(None)
+        return w_o, b_o, ls
+
+    def lens(self, num_heads: int, proj: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None) -> Lens:
+        """The lens of the tower with the linear maps after the pool (``x @ proj + proj_bias``)."""
+        lens = lens_from(*self.out_projections(), num_heads, self.final_norm(), proj, proj_bias)
+        if self.pool.kind == "map":
+            lens.pool = MapLens.of(self.model.attn_pool)
+        return lens
 
 
-def _scaled_cls_hook(sink: list, block: nn.Module):
+def _heads_hook(sink: list, H: int, Dh: int, width: int | None, rows, first: bool):
+    inner = cls_heads_pre_hook(sink, H, Dh, rows, width)
+    if first:
+        return inner
+
+    def hook(module, args):                           # a further parallel branch: more heads of the layer
+        prev = sink.pop()
+        inner(module, args)
+        sink.append(torch.cat([prev, sink.pop()], -2))
+    return hook
+
+
+def _mlp_hook(sink: list, scale, rows, first: bool):
     def hook(module, args, out):
-        g = block.gamma_2
-        sink.append(out[:, 0] * g if g is not None else out[:, 0].clone())   # [B, W]  MLP × LayerScale
+        g = scale()
+        t = rows(out) if g is None else rows(out) * g                  # [B, W] (or [B, N, W])  MLP × LayerScale
+        if first:
+            sink.append(t)
+        else:                                                          # a further parallel MLP of the layer
+            sink.append(sink.pop() + t)
+    return hook
+
+
+def _fused_mlp_hook(sink: list, proj: nn.Linear, scale, rows):
+    """ParallelScalingBlock with a fused out-projection: the MLP's part of it, from its input."""
+    def hook(module, args):
+        W = proj.out_features
+        t = rows(args[0])[..., W:]                                     # the MLP hidden (after the heads)
+        out = nn.functional.linear(t, proj.weight[:, W:])
+        g = scale()
+        sink.append(out * g if g is not None else out)
     return hook
 
 
 class TimmBackbone(Backbone):
-    """A CLS-pooled timm ViT; the feature is the pre-logits CLS token after the final norm."""
+    """A timm ViT; the feature is its pre-logits feature (CLS token, token mean or attention pool)."""
 
     family = "timm"
 
@@ -304,11 +434,14 @@ class TimmBackbone(Backbone):
     def _install(self, hs, store: dict) -> None:
         self._tower.install(hs, store)
 
+    def pooling(self) -> Pool:
+        return self._tower.pool
+
     def final(self):
         return self._tower.final_norm(), None, None
 
     def lens(self) -> Lens:
-        return lens_from(*self._tower.out_projections(), self.num_heads, *self.final())
+        return self._tower.lens(self.num_heads)
 
 
 # --- state dicts ----------------------------------------------------------------------
@@ -409,13 +542,10 @@ def _hf_hub_vit(repo: str, cache_dir: str | None) -> tuple[dict[str, torch.Tenso
 
 def _checkpoint_filter(kind: str):
     """timm's own state-dict filter of the model family (pos-embed / rel-pos resampling, foreign formats)."""
-    if kind == "eva":
-        from timm.models.eva import checkpoint_filter_fn
-    elif kind == "relpos":
-        from timm.models.vision_transformer_relpos import checkpoint_filter_fn
-    else:
-        from timm.models.vision_transformer import checkpoint_filter_fn
-    return checkpoint_filter_fn
+    import importlib
+    module = {"eva": "eva", "relpos": "vision_transformer_relpos", "beit": "beit", "cait": "cait",
+              "naflex": "naflexvit"}.get(kind, "vision_transformer")
+    return importlib.import_module(f"timm.models.{module}").checkpoint_filter_fn
 
 
 def precheck_timm(arch: str, kwargs: dict | None = None) -> None:
@@ -499,6 +629,16 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
     return model.eval()
 
 
+def input_grid(model: nn.Module) -> tuple[int, int]:
+    """``(image size, patch size)`` of a timm ViT (NaFlexVit: its embedding's default size, else the
+    pretrained config's input size)."""
+    first = lambda v: int(v[0] if isinstance(v, (tuple, list)) else v)
+    pe = getattr(model, "patch_embed", None) or model.embeds
+    size = getattr(pe, "img_size", None) or getattr(pe, "default_img_size", None) or \
+        (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+    return first(size), first(pe.patch_size)
+
+
 def timm_transform(model: nn.Module, image_size: int, overrides: dict | None = None):
     """timm's eval preprocessing for ``model`` at ``image_size`` px.
 
@@ -511,13 +651,14 @@ def timm_transform(model: nn.Module, image_size: int, overrides: dict | None = N
     return create_transform(**data_cfg, is_training=False)
 
 
-@register_backbone("timm", "any CLS-pooled timm ViT: model.arch=… model.pretrained=<tag | HF ViT repo | null>")
+@register_backbone("timm", "any timm ViT with a CLS, average or attention-pooled readout: model.arch=… "
+                           "model.pretrained=<tag | HF ViT repo | null>",
+                   reference=lambda bb, images: timm_reference(bb.model, images))
 def build_timm(cfg) -> TimmBackbone:
     if not cfg.arch:
         raise ValueError("model.arch is required for model.family=timm (e.g. model.arch=vit_large_patch16_224)")
     params = dict(cfg.params or {})
     model = create_timm(cfg.arch, cfg.pretrained, cfg.weights, cfg.image_size, cfg.cache_dir, params)
-    size = model.patch_embed.img_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    size, _ = input_grid(model)
     transform = timm_transform(model, size, params.get("data_config"))
     return TimmBackbone(cfg.name, model, transform, size, logit_scale=cfg.logit_scale)

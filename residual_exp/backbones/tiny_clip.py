@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..decompose.references import open_clip_reference
 from .base import register_backbone
 from .open_clip_backbone import OpenClipBackbone
 from .weights import check_local_file
@@ -133,7 +134,8 @@ def save_tiny_clip(model, tokenizer: WordTokenizer, path: str | os.PathLike, met
         os.chmod(tmp, 0o644)
 
 
-@register_backbone("tiny_clip", "the embedded 4-layer width-128 CLIP at 32 px, pretrained on the synthetic shapes captions")
+@register_backbone("tiny_clip", "the embedded 4-layer width-128 CLIP at 32 px, pretrained on the synthetic shapes captions",
+                   reference=lambda bb, images: open_clip_reference(bb.model.visual, images))
 def build_tiny_clip(cfg) -> OpenClipBackbone:
     if cfg.weights:
         path = check_local_file(cfg.weights, "model.weights")

@@ -13,14 +13,14 @@ from .specs import (FAMILIES, SPEC_TYPES, DatasetSpec, FamilySpec, MethodSpec, M
                     option, options, spec)
 from .values import (COARSE_OTHERS, EVAL_SPLITS, OUTPUT_UNITS, RUN_SPLITS, SEED_MAX, TRAINER_PRECISIONS, UNIT_GROUPS, UNITS_WHAT,
                      Ablation,
-                     Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind, CacheLayout, CheckDtype, Compat,
-                     CrossModel, Estimator, EvrRule, Init, ModelPrecision, Needs, Others, Protocol, Prototype, Score, Selection,
+                     Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind, CacheLayout, CheckDtype, Classifier, Compat,
+                     CrossModel, Estimator, EvrRule, Init, ModelPrecision, Needs, Others, Pooling, Protocol, Prototype, Score, Selection,
                      SimilarityUnweighted, SimilarityWeights, Split, UnitConvention, UnitKind, Variant, Verify, names,
                      unit_selection)
 
 __all__ = ["rule", "FAMILIES", "SPEC_TYPES", "DatasetSpec", "FamilySpec", "MethodSpec", "ModelSpec", "load",
            "needs_bases", "method_order", "grid", "option_choices", "COARSE_OTHERS", "option", "options", "spec", "spec_of", "EVAL_SPLITS", "OUTPUT_UNITS", "RUN_SPLITS", "SEED_MAX",
            "TRAINER_PRECISIONS", "UNIT_GROUPS", "UNITS_WHAT", "unit_selection", "Ablation", "Accelerator", "ActsOn", "CacheAction", "CacheDtype",
-           "CacheKind", "CacheLayout", "CheckDtype", "Compat", "CrossModel", "Estimator", "EvrRule", "Init",
-           "ModelPrecision", "Needs", "Others", "Protocol", "Prototype", "Score", "Selection", "SimilarityUnweighted",
+           "CacheKind", "CacheLayout", "CheckDtype", "Classifier", "Compat", "CrossModel", "Estimator", "EvrRule", "Init",
+           "ModelPrecision", "Needs", "Others", "Pooling", "Protocol", "Prototype", "Score", "Selection", "SimilarityUnweighted",
            "SimilarityWeights", "Split", "UnitConvention", "UnitKind", "Variant", "Verify", "names"]

@@ -63,6 +63,7 @@ class ModelSpec:
     output_dim: Optional[int] = rule(None, ge=1)
     image_size: Optional[int] = rule(None, ge=1)
     patch: Optional[int] = rule(None, ge=1)
+    pool_heads: int = rule(0, ge=0)    # J, the heads of an attention-pooled (MAP) readout; 0: CLS or average
     module: Optional[str] = None       # a module outside the package whose import registers model.family
     grid: Optional[str] = None         # the preset grid it belongs to (paper: gen_experiments.py)
     order: int = 100                   # position in that grid and in tables
@@ -91,13 +92,15 @@ class FamilySpec:
     description: str
     arch_example: Optional[str] = None     # model.arch is required (an example value), or None
     pretrained: Optional[tuple] = None     # the only model.pretrained values it takes (None: any hub tag)
+    text: bool = True                      # its models have a text tower (else classifier=prototype only)
 
 
 FAMILIES: dict[str, FamilySpec] = {
     "open_clip": FamilySpec("residual_exp.backbones.open_clip_backbone",
                             "open_clip CLIP models (ViT and timm towers)", arch_example="ViT-B-16"),
     "timm": FamilySpec("residual_exp.backbones.timm_backbone",
-                       "timm ViT / Eva / RelPos ViT image models", arch_example="vit_large_patch16_224"),
+                       "timm ViT / Eva / BEiT / CaiT / NaFlexVit image models", arch_example="vit_large_patch16_224",
+                       text=False),
     "blip": FamilySpec("residual_exp.backbones.blip_backbone",
                        "BLIP ITC retrieval models (transformers)", arch_example="blip-itm-large"),
     "tiny_clip": FamilySpec("residual_exp.backbones.tiny_clip",

@@ -75,10 +75,12 @@ class Init(StrEnum):
 
 
 class UnitKind(StrEnum):
-    """The kinds of residual unit (decompose/units.py); ``const`` are bias / centring terms."""
+    """The kinds of residual unit (decompose/units.py); ``pool`` is an attention pool's MLP branch
+    (``pool.mlp``), ``const`` the bias / centring terms of the centred convention."""
     embed = "embed"
     head = "head"
     mlp = "mlp"
+    pool = "pool"
     const = "const"
 
 
@@ -102,6 +104,20 @@ UNITS_WHAT = (f"must be one of {' | '.join(UNIT_GROUPS)}, or unit kinds joined b
 def unit_selection(value) -> bool:
     """Whether ``value`` names residual units: a group of :data:`UNIT_GROUPS` or kinds joined by '+'."""
     return isinstance(value, str) and (value in UNIT_GROUPS or all(k in UnitKind.__members__ for k in value.split("+")))
+
+
+class Classifier(StrEnum):
+    """The frozen head every method trains against."""
+    auto = "auto"                  # the text head when the model has a text tower, else prototypes
+    text = "text"                  # zero-shot text centroids (the model's own logit scale and bias)
+    prototype = "prototype"        # class-mean image prototypes (conventions.prototype says which kind)
+
+
+class Pooling(StrEnum):
+    """How a tower reads its feature out of the residual stream (decompose/pooling.py)."""
+    token = "token"                # the CLS token
+    avg = "avg"                    # the token mean (from a start token)
+    map = "map"                    # a learned-query attention pool (MAP) with its MLP branch
 
 
 class ModelPrecision(StrEnum):

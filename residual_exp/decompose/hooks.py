@@ -22,8 +22,8 @@ class HookSet:
     def forward_hook(self, module: nn.Module, fn: Callable) -> None:
         self._handles.append(module.register_forward_hook(fn))
 
-    def forward_pre_hook(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn))
+    def forward_pre_hook(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
 
     def instance_forward(self, module: nn.Module, fn: Callable) -> None:
         if "forward" in module.__dict__:

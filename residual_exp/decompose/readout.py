@@ -43,6 +43,7 @@ from .units import UnitLayout
 CONVENTIONS = names(UnitConvention)
 GROUPS = ("heads", "vectors", "consts")
 LOWRANK_KEYS = ("z", "vec", "vec_mean", "stats", "feature")
+WIDE_KEYS = ("stats", "vec_mean", "heads_mean")     # per-sample statistics: stored in float32 or wider
 DENSE_KEYS = ("units", "feature")
 
 
@@ -56,7 +57,9 @@ class Lens:
     eps: float
     proj: torch.Tensor       # [W, D]        output projection (identity when there is none)
     proj_bias: torch.Tensor  # [D]           its bias (zeros)
-    has_norm: bool = True    # False: no final LayerNorm (σ = 1, no centring)
+    has_norm: bool = True    # False: no final norm (σ = 1, no centring)
+    centring: bool = True    # False: the final norm does not centre (RmsNorm: µ = 0, no per-unit centring)
+    pool: "object | None" = None   # attention pooling (MAP): :class:`~.pooling.MapLens`; None: CLS / average
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -65,15 +68,50 @@ class Lens:
         return L, W, H, Dh, self.proj.shape[1]
 
 
+def norm_kind(norm: nn.Module | None) -> str | None:
+    """``layer`` (LayerNorm: centres and scales), ``rms`` (RmsNorm: scales only), ``none`` (None or
+    ``nn.Identity``), or None for a norm the lens cannot freeze (anything else)."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return "none"
+    if isinstance(norm, nn.LayerNorm):
+        return "layer"
+    rms = tuple(c for c in (getattr(nn, "RMSNorm", None),) if c is not None)
+    try:
+        from timm.layers import RmsNorm, RmsNormFp32
+        rms += (RmsNorm, RmsNormFp32)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return "rms" if isinstance(norm, rms) else None
+
+
+def norm_eps(norm: nn.Module, dtype) -> float:
+    eps = getattr(norm, "eps", None)
+    return float(torch.finfo(dtype).eps if eps is None else eps)        # torch's RMSNorm: eps=None
+
+
 def norm_affine(norm: nn.Module | None, width: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-    """``(γ, β, eps, has_norm)`` of a final norm (None or ``nn.Identity``: no norm, γ = 1, β = 0)."""
-    has_norm = isinstance(norm, nn.LayerNorm)
+    """``(γ, β, eps, has_norm)`` of a final norm (None or ``nn.Identity``: no norm, γ = 1, β = 0;
+    an RmsNorm has β = 0)."""
+    kind = norm_kind(norm)
     ones, zeros = torch.ones(width, dtype=dtype, device=device), torch.zeros(width, dtype=dtype, device=device)
-    if not has_norm:
+    if kind == "none":
         return ones, zeros, 0.0, False
-    gamma = norm.weight.detach() if norm.weight is not None else ones
-    beta = norm.bias.detach() if norm.bias is not None else zeros
-    return gamma, beta, float(norm.eps), True
+    if kind is None:
+        raise ValueError(f"final norm {type(norm).__name__} is neither a LayerNorm nor an RmsNorm")
+    gamma = norm.weight.detach() if getattr(norm, "weight", None) is not None else ones
+    beta = norm.bias.detach() if getattr(norm, "bias", None) is not None else zeros
+    return gamma, beta, norm_eps(norm, dtype), True
+
+
+def norm_stats(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(µ, σ)`` over the last dim of ``x`` as the norm freezes them: LayerNorm ``mean``,
+    ``sqrt(Var + eps)`` (biased); RmsNorm ``0``, ``sqrt(mean(x²) + eps)``; no norm ``0``, ``1``."""
+    if kind == "layer":
+        return x.mean(-1), torch.sqrt(x.var(-1, unbiased=False) + eps)
+    zeros = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    if kind == "rms":
+        return zeros, torch.sqrt(x.pow(2).mean(-1) + eps)
+    return zeros, torch.ones_like(zeros)
 
 
 def lens_from(w_o: list[torch.Tensor], b_o: list[torch.Tensor | None], ls: list[torch.Tensor | None],
@@ -95,7 +133,23 @@ def lens_from(w_o: list[torch.Tensor], b_o: list[torch.Tensor | None], ls: list[
     gamma, beta, eps, has_norm = norm_affine(norm, W, dtype, device)
     P = proj.detach() if proj is not None else torch.eye(W, dtype=dtype, device=device)
     b_P = proj_bias.detach() if proj_bias is not None else torch.zeros(P.shape[1], dtype=dtype, device=device)
-    return Lens(torch.stack(per_layer), torch.stack(biases), gamma, beta, eps, P, b_P, has_norm)
+    return Lens(torch.stack(per_layer), torch.stack(biases), gamma, beta, eps, P, b_P, has_norm,
+                centring=norm_kind(norm) == "layer")
+
+
+def compose_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(P [W, D], b [D])`` with ``x @ P + b`` = applying ``linears`` in order (x @ W1ᵀ + b1, then
+    @ W2ᵀ + b2, …); ``(None, None)`` for none."""
+    proj, bias = None, None
+    for lin in linears:
+        w = lin.weight.T                                                  # [in, out]
+        if proj is None:
+            proj, bias = w, lin.bias
+            continue
+        proj, bias = proj @ w, (bias @ w if bias is not None else None)
+        if lin.bias is not None:
+            bias = lin.bias if bias is None else bias + lin.bias
+    return proj, bias
 
 
 @torch.no_grad()
@@ -112,18 +166,35 @@ def raw_units(norm: nn.Module | None, proj: torch.Tensor | None, x: torch.Tensor
     W = embed.shape[-1]
     gamma, _, eps, has_norm = norm_affine(norm, W, dt, embed.device)
     x = x.to(dt)
-    c = torch.stack([embed.to(dt)] + [m.to(dt) for m in mlps], 1)             # [B, 1+L, W]
-    B = x.shape[0]
-    if has_norm:
+    kind = norm_kind(norm)
+    if kind == "layer":
         mu = x.mean(-1)                                                       # [B]
         sigma = torch.sqrt(x.var(-1, unbiased=False) + eps)                   # [B]
     else:
-        mu, sigma = torch.zeros(B, dtype=dt, device=x.device), torch.ones(B, dtype=dt, device=x.device)
+        mu, sigma = norm_stats(x, kind, eps)                                  # RmsNorm: µ = 0; none: 0, 1
+    return raw_from_stats(gamma, proj, embed, z, mlps, feature, mu, sigma, dt)
+
+
+@torch.no_grad()
+def raw_from_stats(gamma: torch.Tensor, proj: torch.Tensor | None, embed: torch.Tensor, z: list[torch.Tensor],
+                   mlps: list[torch.Tensor], feature: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                   dt: torch.dtype) -> dict[str, torch.Tensor]:
+    """:func:`raw_units` with the final norm's statistics ``µ, σ`` ``[B]`` given (the effective
+    statistics of a token-pooled readout, :mod:`.pooling`)."""
+    c = torch.stack([embed.to(dt)] + [m.to(dt) for m in mlps], 1)             # [B, 1+L, W]
     gc = c * gamma.to(dt)                                                     # [B, 1+L, W]
     vec = gc @ proj.to(dt) if proj is not None else gc                        # [B, 1+L, D]  Pᵀ(γ ⊙ c)
     zz = torch.stack([t.to(dt) for t in z], 1)                                # [B, L, H, Dh]
     return {"z": zz.flatten(1, 2), "vec": vec, "vec_mean": c.mean(-1),        # [B, L·H, Dh], …, [B, 1+L]
             "stats": torch.stack([sigma, mu], 1), "feature": feature.to(dt)}  # [B, 2], [B, D]
+
+
+def unit_groups(layout: UnitLayout) -> dict[str, list[int]]:
+    """The layout's units by group: heads; vectors (embedding, MLPs, the pool's units); constants."""
+    kinds = layout.kinds
+    return {"heads": [i for i, k in enumerate(kinds) if k == "head"],
+            "vectors": [i for i, k in enumerate(kinds) if k in ("embed", "mlp", "pool")],
+            "consts": [i for i, k in enumerate(kinds) if k == "const"]}
 
 
 class UnitSource(nn.Module):
@@ -200,13 +271,12 @@ class Readout(UnitSource):
         L, W, H, Dh, D = lens.shape
         self.layout = UnitLayout.vit(L, H, constants=convention == "centred")
         self.layout_dim, self.dtype, self.num_heads, self.head_dim = D, lens.w_o.dtype, H, Dh
-        self.width = W
-        kinds = self.layout.kinds
-        self.groups = {"heads": [i for i, k in enumerate(kinds) if k == "head"],
-                       "vectors": [i for i, k in enumerate(kinds) if k in ("embed", "mlp")],
-                       "consts": [i for i, k in enumerate(kinds) if k == "const"]}
+        self.width, self.head_rank = W, Dh
+        self.groups = unit_groups(self.layout)
         P, gamma = lens.proj, lens.gamma
         g = P.T @ gamma if lens.has_norm else torch.zeros(D, dtype=P.dtype, device=P.device)    # [D]
+        if not lens.centring:                                     # RmsNorm: µ = 0, nothing to centre
+            g = torch.zeros_like(g)
         k = P.T @ lens.beta + lens.proj_bias                                                   # [D]
         M = torch.einsum("lwhj,w,wd->lhdj", lens.w_o, gamma, P).reshape(L * H, D, Dh)          # [L·H, D, Dh]
         if convention == "official":
@@ -222,7 +292,7 @@ class Readout(UnitSource):
             G_h = torch.cat([Mc, z3], -1)
             cols = [torch.zeros_like(g), -g, torch.zeros_like(g)]
             b = lens.b_o.sum(0)                                                                # [W]
-            b = b - b.mean() if lens.has_norm else b
+            b = b - b.mean() if lens.has_norm and lens.centring else b
             v = P.T @ (gamma * b)                                                              # [D]
             self.register_buffer("G_consts", torch.stack([torch.stack([v, torch.zeros_like(v)], -1),
                                                           torch.stack([torch.zeros_like(k), k], -1)]))  # [2, D, 2]
@@ -255,13 +325,19 @@ class Readout(UnitSource):
         raise KeyError(group)
 
     def rank(self, group: str, n_samples: int) -> int:
-        return official_rank(group, self.head_dim, self.width, self.layout_dim, n_samples)
+        return official_rank(group, self.head_rank, self.width, self.layout_dim, n_samples)
+
+    def storage_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image shapes of what the low-rank cache stores (:data:`LOWRANK_KEYS`)."""
+        L, S, D = self.layout.num_layers, len(self.groups["heads"]), self.layout_dim
+        return {"z": (S, self.head_dim), "vec": (1 + L, D), "vec_mean": (1 + L,), "stats": (2,), "feature": (D,)}
 
 
 def official_rank(group: str, head_dim: int, width: int, dim: int, n_samples: int) -> int:
     """Components kept per unit of ``group`` — the official code's accounting (its PCA keeps
-    ``min(k, D, n)`` components with k the unit's raw size): ``head_dim`` for a head, the model
-    width for the embedding and the MLPs, 1 for a constant unit (a direction scaled by 1/σ)."""
+    ``min(k, D, n)`` components with k the unit's raw size): ``head_dim`` for a head (its rank: J
+    head_dims under a J-head attention pool), the model width for the embedding, the MLPs and
+    the pool's MLP, 1 for a constant unit (a direction scaled by 1/σ)."""
     raw = {"heads": head_dim, "vectors": width, "consts": 1}[group]
     return max(0, min(raw, dim, int(n_samples)))
 
@@ -276,15 +352,12 @@ class DenseSource(UnitSource):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.layout, self.layout_dim, self.dtype = layout, int(dim), dtype
-        self.head_dim, self.width = int(head_dim), int(width)
-        kinds = layout.kinds
-        self.groups = {"heads": [i for i, k in enumerate(kinds) if k == "head"],
-                       "vectors": [i for i, k in enumerate(kinds) if k in ("embed", "mlp")],
-                       "consts": [i for i, k in enumerate(kinds) if k == "const"]}
+        self.head_dim, self.width = int(head_dim), int(width)     # head_dim: a head's rank (official accounting)
+        self.groups = unit_groups(layout)
 
     @classmethod
-    def like(cls, readout: Readout) -> "DenseSource":
-        return cls(readout.layout, readout.layout_dim, readout.head_dim, readout.width, readout.dtype)
+    def like(cls, readout: "UnitSource") -> "DenseSource":
+        return cls(readout.layout, readout.layout_dim, readout.head_rank, readout.width, readout.dtype)
 
     def lift(self, batch: dict, group: str) -> torch.Tensor:
         return batch["units"][:, self.groups[group]].to(self.dtype)

@@ -182,7 +182,8 @@ class _Rest(Adapter):
             tgt = acc if others == Others.add else Accumulator(readout)   # batch mean: a fold of its own
             for u in rest:
                 g, p = tgt.pos[u]
-                tgt.add(u, readout.maps(g)[p].double())
+                G = readout.maps(g)                                    # None: stored as units (MAP readouts)
+                tgt.add(u, G[p].double() if G is not None else torch.eye(readout.layout_dim, dtype=torch.float64))
             if batch_mean:
                 folded.batch_mean = tgt.f
         elif others == Others.mean:

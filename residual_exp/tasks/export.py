@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from ..atomic import atomic_path
 from ..catalog import spec_of
+from ..classifiers import record_kind
 from ..config import ModelConfig
 from ..export import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, TENSORS_FILE
 from ..results import read_classes, read_results, read_run_config
@@ -81,12 +82,13 @@ def export(cfg) -> int:
     backbone.float()
     head_weight = state.get("head.weight")                  # None: nothing trained (base)
     prototype = conf["conventions"]["prototype"]
-    if backbone.has_text:
-        kind, scale, norm_w = "text", backbone.logit_scale, True
+    kind, bias = record_kind(conf.get("classifier", "auto"), backbone.has_text, prototype), 0.0
+    if kind == "text":
+        scale, norm_w, bias = backbone.logit_scale, True, backbone.logit_bias
     elif prototype == "mean":
-        kind, scale, norm_w = "prototype-mean", 1.0, False
+        scale, norm_w = 1.0, False
     else:
-        kind, scale, norm_w = "prototype-cosine", backbone.logit_scale, True
+        scale, norm_w = backbone.logit_scale, True
     if head_weight is None:                                  # base: rebuild the frozen head like task=train
         from ..pipeline import Session
         job = OmegaConf.create(conf)
@@ -98,7 +100,7 @@ def export(cfg) -> int:
         "format": EXPORT_FORMAT, "backbone": model_node, "weights": "copy" if copy else "reference",
         "output_dim": backbone.output_dim, "method": method, "method_config": conf["method"],
         "conventions": conf["conventions"], "compat": conf.get("compat", "none"), "cache_layout": conf["cache"]["layout"],
-        "classifier": {"kind": kind, "scale": scale, "normalize_weights": norm_w},
+        "classifier": {"kind": kind, "scale": scale, "normalize_weights": norm_w, "bias": bias},
         "classnames": classes["classnames"], "templates": classes["templates"],
         "preprocessing": repr(backbone.transform), "image_size": backbone.image_size,
         "provenance": {"dataset": conf["dataset"]["name"], "seed": conf["seed"], "run_dir": str(run_dir.resolve()),

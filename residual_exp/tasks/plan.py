@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 
+from omegaconf import OmegaConf
+
 from ..catalog import needs_bases, spec, spec_of
 from ..compose import group_node
 from ..pipeline import reference_dataset
@@ -44,11 +46,23 @@ def _grid(cfg) -> dict[str, list[str]]:
     return grid
 
 
+def model_spec(model_cfg):
+    """The job's model spec; a generic preset (``model=timm`` / ``model=open_clip``) states no shape,
+    so its image tower is built on the meta device to read one (nothing allocated or downloaded)."""
+    s = model_cfg.spec
+    if s.layers is None and model_cfg.get("arch"):
+        from ..backbones.shapes import arch_shape
+        L, H, Dh, W, D, size, patch, J = arch_shape(model_cfg)
+        s = OmegaConf.merge(s, dict(layers=L, heads=H, head_dim=Dh, width=W, output_dim=D, image_size=size,
+                                    patch=patch, pool_heads=J))
+    return s
+
+
 def plan(cfg) -> int:
     grid = _grid(cfg)
     methods = {m: (cfg.method if m == cfg.method.name else group_node("method", m, cfg)) for m in grid["method"]}
     datasets = {d: (cfg.dataset if d == cfg.dataset.name else group_node("dataset", d, cfg)) for d in grid["dataset"]}
-    models = {m: (cfg.model.spec if m == cfg.model.name else spec("model", m)) for m in grid["model"]}
+    models = {m: (model_spec(cfg.model) if m == cfg.model.name else spec("model", m)) for m in grid["model"]}
     cells = []
     for model, dataset, method in itertools.product(grid["model"], grid["dataset"], grid["method"]):
         ref = reference_dataset(cfg.pca, datasets[dataset])

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..catalog import EVAL_SPLITS, RUN_SPLITS, Split, needs_bases
-from ..classifiers import top1_accuracy
+from ..classifiers import record_kind, top1_accuracy
 from ..decompose.selection import select
 from ..methods import build_adapter
 from ..pipeline import Session
@@ -84,10 +84,11 @@ def selection_record(adapter, layout, selected: list[int]) -> dict:
 
 
 def conventions_record(cfg, has_text: bool) -> dict:
-    """What a result was computed under (FIDELITY.md): unit definition, classifier, EVR rule,
-    compat mode, cache layout."""
+    """What a result was computed under (FIDELITY.md): unit definition, classifier (``text`` |
+    ``prototype-mean`` | ``prototype-cosine``, the head ``classifier=`` chose), EVR rule, compat
+    mode, cache layout."""
     c = cfg.conventions
-    return {"units_convention": c.units, "classifier": "text" if has_text else f"prototype-{c.prototype}",
+    return {"units_convention": c.units, "classifier": record_kind(cfg.get("classifier", "auto"), has_text, c.prototype),
             "evr_rule": c.evr_rule, "compat": cfg.compat, "cache_layout": cfg.cache.layout}
 
 

@@ -137,16 +137,26 @@ def test_fold_is_exact_in_float64(trained, method):
     assert rel <= 1e-10
 
 
-@pytest.mark.parametrize("family", ["open_clip", "timm"])
+TIMM_TINY = ["model=timm", "model.arch=vit_tiny_patch16_224", "model.pretrained=null", "model.image_size=32",
+             "+model.params.create_kwargs.depth=2"]
+ARCHS = {"open_clip": ["model=open_clip", "model.arch=ViT-B-32", "model.pretrained=null", "model.image_size=64"],
+         "timm": TIMM_TINY,
+         # SigLIP's readout: attention pooling (MAP) over the patch tokens, no class token
+         "timm_map_siglip_like": [*TIMM_TINY, "+model.params.create_kwargs.global_pool=map",
+                                  "+model.params.create_kwargs.class_token=false"],
+         # SigLIP-gap / so150m: the final norm on every token, then their mean
+         "timm_gap": [*TIMM_TINY, "+model.params.create_kwargs.global_pool=avg", "+model.params.create_kwargs.fc_norm=false"]}
+SMALL = ["dataset.params.n_train=48", "dataset.params.n_val=24", "dataset.params.n_test=16",
+         "dataset.params.n_reference=48", "trainer.max_epochs=1"]
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
 @pytest.mark.parametrize("method", ["residual_fine", "residual_full"])
 def test_random_weight_architectures_export_exactly(tmp_path, family, method):
-    model = {"open_clip": ["model=open_clip", "model.arch=ViT-B-32", "model.pretrained=null", "model.image_size=64"],
-             "timm": ["model=timm", "model.arch=vit_tiny_patch16_224", "model.pretrained=null", "model.image_size=32",
-                      "+model.params.create_kwargs.depth=2"]}[family]
+    model = ARCHS[family]
     if family == "open_clip":
         pytest.importorskip("open_clip")
-    cfg, run_dir = _train(tmp_path, method, *model, "dataset.params.n_train=48", "dataset.params.n_val=24",
-                          "dataset.params.n_test=16", "dataset.params.n_reference=48", "trainer.max_epochs=1")
+    cfg, run_dir = _train(tmp_path, method, *model, *SMALL)
     out = _export(cfg, run_dir)
     module, split = reference_module(cfg, run_dir)
     want = reference_logits(module, split)
@@ -156,13 +166,58 @@ def test_random_weight_architectures_export_exactly(tmp_path, family, method):
     rel = float((got - want).abs().max() / want.abs().max())
     print(f"{family} {method}: {rel:.2e}")
     assert rel <= 1e-5
-    if family == "timm":                        # a prototype head: transfer to other classes needs a text tower
+    if family == "timm" and method == "residual_full":   # a prototype head: transfer to other classes needs a text tower
         from residual_exp.data.errors import DatasetError
         from residual_exp.tasks.evaluate import evaluate
         ecfg = compose_cfg([*TINY, "task=evaluate", f"model_dir={out}", "dataset=shapes_color"], tmp_path / "ev")
         with pytest.raises(DatasetError, match="no text tower") as e:
             evaluate(ecfg)
         assert "shapes_color" in str(e.value) and not (tmp_path / "ev" / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("method, others", [("residual_full", "add"), ("residual_coarse", "add"),
+                                            ("residual_fine", "add"), ("residual_fine", "official-mean")])
+def test_attention_pooled_fold_is_exact_in_float64(tmp_path, method, others):
+    """MAP units have no per-unit lift: the fold is one D × D map per unit on the units the
+    decomposed forward rebuilds; in float64 it equals the training-time module to round-off
+    (``official-mean``: compat=official's batch mean of the other units, bug (d))."""
+    from residual_exp.export import AdaptedModel, fold
+    extra = ["compat=official", "method.others=mean"] if others == "official-mean" else ["method.others=add"]
+    cfg, run_dir = _train(tmp_path, method, *ARCHS["timm_map_siglip_like"], *SMALL, *extra)
+    module, split = reference_module(cfg, run_dir, torch.float64)
+    state = {k[len("adapter."):]: v.double() for k, v in module.state_dict().items() if k.startswith("adapter.")}
+    bb = module._backbone[0]
+    assert bb.pooling().kind == "map" and "pool.mlp" in bb.layout.names
+    folded = fold(method, state, bb.readout(), cfg.cache.layout, cfg.method.others, float(cfg.method.dropped_value),
+                  others == "official-mean")
+    assert folded.units is not None and folded.heads is None
+    head = module.head
+    model = AdaptedModel(bb, folded, head.weight.double(), head.scale, head.normalize_weights, split.classnames, {})
+    images = torch.stack([split[i][0] for i in range(len(split))]).double()
+    want = reference_logits(module, split)
+    rel = float((model.eval()(images) - want).abs().max() / want.abs().max())
+    print(f"MAP {method} float64 fold: {rel:.2e}")
+    assert rel <= 1e-10
+
+
+def test_prototype_head_on_a_text_model_needs_no_text(tmp_path, monkeypatch):
+    """classifier=prototype: a model with a text tower trains against class-mean prototypes, never
+    tokenizes, records the head, and its export reproduces the logits."""
+    from residual_exp.backbones.open_clip_backbone import OpenClipBackbone
+
+    def no_text(self, texts):
+        raise AssertionError("the text tower was used")
+    monkeypatch.setattr(OpenClipBackbone, "tokenize", no_text)
+    cfg, run_dir = _train(tmp_path, "residual_full", "classifier=prototype", *SMALL)
+    records = json.loads((run_dir / "results.json").read_text())
+    assert {r["classifier"] for r in records} == {"prototype-mean"}
+    out = _export(cfg, run_dir)
+    assert json.loads((out / "adapted.json").read_text())["classifier"]["kind"] == "prototype-mean"
+    module, split = reference_module(cfg, run_dir)
+    from residual_exp.export import load_adapted
+    images = torch.stack([split[i][0] for i in range(len(split))])
+    want = reference_logits(module, split)
+    assert float((load_adapted(out)(images) - want).abs().max() / want.abs().max()) <= 1e-5
 
 
 # --- predict / evaluate -------------------------------------------------------------------------------

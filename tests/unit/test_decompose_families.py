@@ -5,7 +5,7 @@
   ``fc_norm``, and open_clip CLIPs whose image tower is such a timm model (``TimmModel``);
 * each with its 1-D parameters perturbed (biases, norm affines, LayerScale, tokens): Σ units
   equals the library's own image feature and every unit equals an independent recomputation
-  (:func:`residual_exp.tasks.check_decomposition.independent_reference`) to ≤ 1e-10;
+  (the family's :mod:`residual_exp.decompose.references`) to ≤ 1e-10;
 * refusals name the offending part, before anything is built or loaded;
 * the check catches a decomposition that drops every bias and the final norm's affine, which a
   check at random init (biases 0, γ = 1, β = 0) could not.
@@ -22,8 +22,9 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from residual_exp.backbones import UnsupportedArchitecture
-from residual_exp.tasks.check_decomposition import (check_decomposition, independent_reference, perturb_1d,
-                                                    reference_units)
+from residual_exp.backbones import reference_of
+from residual_exp.decompose.references import perturb_1d, reference_units
+from residual_exp.tasks.check_decomposition import check_decomposition
 from tests.unit.test_decompose_tiny import TIMM_CFG, _task_cfg, images
 
 SIZE = 32
@@ -92,8 +93,7 @@ def _open_clip_timm(trunk: str, proj, proj_bias: bool = False):
 
 def _library_feature(backbone, x):
     """The library's own image feature (not ours): timm's pre-logits, open_clip's encode_image."""
-    from residual_exp.backbones.open_clip_backbone import OpenClipBackbone
-    if isinstance(backbone, OpenClipBackbone):
+    if backbone.family == "open_clip":
         return backbone.model.encode_image(x)
     m = backbone.model
     return m.forward_head(m.forward_features(x), pre_logits=True)
@@ -115,40 +115,47 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("convention", ["official", "centred"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_family_is_exact_with_perturbed_parameters(name, convention):
-    backbone = CASES[name]()
+def assert_exact(backbone, convention: str, n: int = 2, tol: float = TOL):
+    """Perturb every 1-D parameter, then: the decomposed forward gives the library's own feature,
+    Σ units equals it, the family's reference reproduces it and every unit equals the reference's."""
     assert perturb_1d(backbone.vision, seed=0) > 0
     backbone.use_convention(convention)
-    x = images()
+    x = images(n=n)
     with torch.no_grad():
         units, feature = backbone.decompose(x)
         lib = _library_feature(backbone, x)
-        ref = independent_reference(backbone, x)
+        ref = reference_of(backbone, x)
         want = reference_units(ref, convention)
     scale = lib.abs().amax(-1, keepdim=True)
-    assert units.shape == (2, len(backbone.layout), backbone.output_dim)
-    assert ((feature - lib).abs() / scale).max() <= TOL
-    assert ((units.sum(1) - lib).abs() / scale).max() <= TOL                        # Σ units = the feature
-    assert ((ref.feature() - lib).abs() / scale).max() <= TOL                       # the reference is right
-    assert ((units - want).abs() / scale[:, None]).max() <= TOL                     # every unit, independently
-    counts = backbone.layout.counts()
+    assert units.shape == (n, len(backbone.layout), backbone.output_dim)
+    assert ((feature - lib).abs() / scale).max() <= tol
+    assert ((units.sum(1) - lib).abs() / scale).max() <= tol                        # Σ units = the feature
+    assert ((ref.feature() - lib).abs() / scale).max() <= tol                       # the reference is right
+    assert ((units - want).abs() / scale[:, None]).max() <= tol                     # every unit, independently
+    return backbone.layout.counts()
+
+
+@pytest.mark.parametrize("convention", ["official", "centred"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_family_is_exact_with_perturbed_parameters(name, convention):
+    counts = assert_exact(CASES[name](), convention)
     assert counts["head"] == 2 * 4 and counts["mlp"] == 2 and counts["embed"] == 1
     assert counts["const"] == (2 if convention == "centred" else 0)
 
 
 # --- refusals ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch, part", [
-    ("ViT-B-16-SigLIP", "timm_pool='map'"),
-    ("ViT-SO400M-14-SigLIP", r"map \(attention\) pooling"),
-    ("ViT-L-14-CLIPA", "pool_type='avg'"),
     ("coca_ViT-B-32", "CoCa attentional pooler"),
     ("RN50", "ResNet image tower"),
-    ("MobileCLIP2-S0", "average pooling"),
+    ("convnext_base_w", None),                     # a timm tower: refused on the meta device (below), not here
 ])
 def test_open_clip_refusals_from_the_config_alone(arch, part):
-    from residual_exp.backbones.open_clip_backbone import check_open_clip_config
+    from residual_exp.backbones.open_clip_backbone import check_open_clip_arch, check_open_clip_config
+    if part is None:
+        check_open_clip_config(arch)
+        with pytest.raises(UnsupportedArchitecture, match=f"{arch}: timm tower convnext.*ConvNeXt is not a timm ViT"):
+            check_open_clip_arch(arch)
+        return
     with pytest.raises(UnsupportedArchitecture, match=part) as e:
         check_open_clip_config(arch)
     assert str(e.value).startswith(arch + ":") and "\n" not in str(e.value)
@@ -168,8 +175,8 @@ def test_architecture_is_checked_before_weights_or_tokenizer(monkeypatch):
         raise AssertionError("loaded before the architecture was checked")
     monkeypatch.setattr(open_clip, "create_model_and_transforms", forbidden)
     monkeypatch.setattr(open_clip, "get_tokenizer", forbidden)
-    with pytest.raises(UnsupportedArchitecture, match="ViT-B-16-SigLIP"):
-        create_open_clip("ViT-B-16-SigLIP", "webli", None, None, None)
+    with pytest.raises(UnsupportedArchitecture, match="RN50"):
+        create_open_clip("RN50", "openai", None, None, None)
 
 
 def test_tokenizer_is_loaded_lazily_and_fails_with_an_offline_hint(monkeypatch):
@@ -188,9 +195,9 @@ def test_tokenizer_is_loaded_lazily_and_fails_with_an_offline_hint(monkeypatch):
         tok(["a photo"])
 
 
-def test_timm_avg_pool_refusal_says_how_to_read_the_cls_token():
-    with pytest.raises(UnsupportedArchitecture, match=r"\+model.params.create_kwargs.global_pool=token"):
-        _timm_backbone(_eva(**dict(EVA01, global_pool="avg")))
+def test_timm_max_pool_refusal_says_how_to_read_the_cls_token():
+    with pytest.raises(UnsupportedArchitecture, match=r"max pooling is not linear.*\+model.params.create_kwargs.global_pool=token"):
+        _timm_backbone(_eva(**dict(EVA01, global_pool="max")))
     no_cls = _vit(global_pool="token")
     no_cls.cls_token = None                                  # (timm refuses to build this combination itself)
     with pytest.raises(UnsupportedArchitecture, match="no class token"):
@@ -200,13 +207,13 @@ def test_timm_avg_pool_refusal_says_how_to_read_the_cls_token():
 def test_refused_architecture_exits_2_with_one_line_offline(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "residual_exp", "task=check_decomposition", "model=open_clip",
-         "model.arch=ViT-B-16-SigLIP", "model.pretrained=null", f"hydra.run.dir={tmp_path}"],
+         "model.arch=RN50", "model.pretrained=null", f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert lines == ["error: ViT-B-16-SigLIP: timm tower with map (attention) pooling (vision_cfg.timm_pool='map', "
-                     "vit_base_patch16_siglip_224): the readout is not linear in the residual units"]
+    assert lines == ["error: RN50: ResNet image tower (ModifiedResNet, vision_cfg.layers=[3, 4, 6, 3]): not a ViT, "
+                     "no residual-unit readout; use a ViT CLIP or model=timm"]
 
 
 # --- the check itself ----------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def _broken_lens(self):
 
 def test_check_fails_on_a_decomposition_that_drops_biases(monkeypatch, capsys):
     import importlib
-    cd = importlib.import_module("residual_exp.tasks.check_decomposition")     # the module, not the task
+    refs = importlib.import_module("residual_exp.decompose.references")
     from residual_exp.backbones.timm_backbone import TimmBackbone
     cfg = _task_cfg(TIMM_CFG)
     assert check_decomposition(cfg) == 0
@@ -243,7 +250,7 @@ def test_check_fails_on_a_decomposition_that_drops_biases(monkeypatch, capsys):
 
     monkeypatch.setattr(TimmBackbone, "lens", _broken_lens)
     with monkeypatch.context() as m:                         # the check as it was: random init, unperturbed
-        m.setattr(cd, "perturb_1d", lambda module, seed, scale=0.1: 0)
+        m.setattr(refs, "perturb_1d", lambda module, seed, scale=0.1: 0)
         assert check_decomposition(cfg) == 0                 # biases 0, γ = 1, β = 0: the bug is invisible
     capsys.readouterr()
     assert check_decomposition(cfg) == 1                     # perturbed: caught

@@ -35,3 +35,23 @@ def test_plan_of_a_grid(tmp_path, capsys):
     assert int(clip_l["train_images"]) == 45_000 + 1_504 and int(clip_l["reference_images"]) == 1_024_934
     assert float(clip_l["cache_GB"]) == (45_000 + 5_000 + 10_000 + 1_504 + 376 + 1_880) * 89_204 / 1e9
     assert float(rows["total"]["encode_h"]) > 0 and float(clip_l["finetune_h"]) > float(clip_l["train_h"])
+
+
+def test_plan_sizes_pooled_readouts_from_the_meta_device():
+    """Any model=timm / model=open_clip architecture is planned (shapes from its image tower on the
+    meta device); an attention-pooled cache's bytes are those of its stored arrays."""
+    import math
+
+    from residual_exp.backbones import build_backbone
+    from residual_exp.backbones.shapes import arch_shape
+    from residual_exp.decompose.readout import WIDE_KEYS
+    from tests.unit.test_decompose_tiny import model_cfg
+    assert arch_shape(model_cfg(name="open_clip", arch="ViT-B-16-SigLIP")) == (12, 12, 64, 768, 768, 224, 16, 12)
+    assert arch_shape(model_cfg(name="open_clip", arch="PE-Core-B-16")) == (12, 12, 64, 768, 1024, 224, 16, 8)
+    assert arch_shape(model_cfg(name="open_clip", arch="ViT-L-14-CLIPA"))[7] == 0
+    for pool in ("map", "avg"):
+        cfg = model_cfg(name="timm", arch="vit_tiny_patch16_224", image_size=32,
+                        params={"create_kwargs": {"depth": 2, "global_pool": pool, "class_token": False}})
+        shapes = build_backbone(cfg).readout().storage_shapes()
+        stored = sum(math.prod(s) * (4 if k in WIDE_KEYS else 2) for k, s in shapes.items()) + 8   # + the label
+        assert bytes_per_image("timm", "lowrank", "float16", arch_shape(cfg)) == stored, pool

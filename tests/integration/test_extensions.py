@@ -163,3 +163,127 @@ def test_a_plugin_option_is_validated_like_the_package_ones(ext):
     assert proc.returncode == 2, proc.stderr
     assert "method.init=eigenvalues: method=toy_scale takes ones | normal" in proc.stderr
     assert "method.lr=0.0: must be a finite number > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+TOY_FAMILY = '''
+"""A backbone family from outside the package: a plain-torch ViT (per-head attention written out)."""
+import torch
+import torch.nn as nn
+from torchvision import transforms
+
+from residual_exp.backbones.base import Backbone, register_backbone
+from residual_exp.decompose.readout import lens_from
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        B, N, W = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).unbind(2)          # [B, N, H, Dh]
+        a = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) * (W // self.heads) ** -0.5, -1)
+        return self.proj(torch.einsum("bhnm,bmhd->bnhd", a, v).reshape(B, N, W))            # heads → [B, N, W]
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(width), Attention(width, heads), nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ToyViT(nn.Module):
+    def __init__(self, layers, width, heads, patch, image, dim):
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, patch, patch)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, width))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 1 + (image // patch) ** 2, width))
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm, self.proj = nn.LayerNorm(width), nn.Parameter(width ** -0.5 * torch.randn(width, dim))
+
+    def forward(self, images):
+        t = self.patch(images).flatten(2).transpose(1, 2)                                   # [B, N, W]
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos
+        for block in self.blocks:
+            t = block(t)
+        return self.norm(t[:, 0]) @ self.proj
+
+
+class ToyBackbone(Backbone):
+    family = "toy_vit"
+
+    def __init__(self, name, s):
+        tf = transforms.Compose([transforms.Resize((s.image_size, s.image_size)), transforms.ToTensor()])
+        super().__init__(name, s.output_dim, s.layers, s.heads, tf, s.image_size, has_text=False)
+        self.model = ToyViT(s.layers, s.width, s.heads, s.patch, s.image_size, s.output_dim)
+
+    @property
+    def vision(self):
+        return self.model
+
+    def encode_image(self, images):
+        return self.model(images)
+
+    def _install(self, hs, store):                      # the CLS row of every unit's contribution
+        store["heads"], store["mlps"] = [], []
+        H = self.num_heads
+        hs.forward_pre_hook(self.model.blocks[0], lambda m, a: store.__setitem__("embed", a[0][:, 0].clone()))
+        for block in self.model.blocks:
+            hs.forward_pre_hook(block.attn.proj, lambda m, a: store["heads"].append(
+                a[0][:, 0].reshape(len(a[0]), H, -1).clone()))                                 # [B, H, Dh]
+            hs.forward_hook(block.mlp, lambda m, a, out: store["mlps"].append(out[:, 0].clone()))
+        hs.forward_pre_hook(self.model.norm, lambda m, a: store.__setitem__("final_in", a[0].clone()))
+
+    def final(self):
+        return self.model.norm, self.model.proj, None
+
+    def lens(self):
+        blocks = self.model.blocks
+        return lens_from([b.attn.proj.weight for b in blocks], [b.attn.proj.bias for b in blocks],
+                         [None] * len(blocks), self.num_heads, self.model.norm, self.model.proj)
+
+
+@register_backbone("toy_vit", "a plain-torch ViT from outside the package")
+def build(cfg):
+    return ToyBackbone(cfg.name, cfg.spec)
+'''
+
+TOY_FAMILY_YAML = '''
+name: toy_vit
+family: toy_vit
+spec:
+  description: a plain-torch ViT (a backbone family from outside the package)
+  module: toy_family
+  layers: 2
+  heads: 4
+  head_dim: 8
+  width: 32
+  output_dim: 16
+  image_size: 32
+  patch: 8
+'''
+
+
+def test_a_backbone_family_from_outside_the_package_decomposes_and_trains(ext):
+    root, code, search = ext
+    (code / "toy_family.py").write_text(TOY_FAMILY)
+    (code / "conf" / "model").mkdir()
+    (code / "conf" / "model" / "toy_vit.yaml").write_text(textwrap.dedent(TOY_FAMILY_YAML).lstrip())
+    out = _cli([*search, "task=check_decomposition", "model=toy_vit", "task.dtype=float64",
+                "task.tolerance=1e-10"], root, code).stdout
+    import re
+    assert "units (official convention): 11 = 1 embed + 8 head + 2 mlp" in out
+    assert float(re.search(r"max relative error \(∞-norm\)\s+= (\S+)", out).group(1)) < 1e-12   # Σ units == feature
+    _cli([*search, "model=toy_vit", "dataset=toy_colours", "method=residual_full", "trainer=fast", "logger=none"],
+         root, code)
+    base, full = _records(root, "toy_vit-toy_colours-residual_full")
+    assert base["classifier"].startswith("prototype") and full["model"] == "toy_vit"
+    assert full["trainable_params"] == 2 * 4 * 8 + 2 * 16       # rank-aware: head_dim per head, D per MLP
+    assert full["selected_units"] == ["L0H0", "L0H1", "L0H2", "L0H3", "L0.mlp", "L1H0", "L1H1", "L1H2", "L1H3",
+                                      "L1.mlp"]

@@ -53,13 +53,19 @@ def _value(key: str, overrides: Sequence[str]) -> str:
     return "?"
 
 
-def _unknown_key(key: str, value: str, task: str | None, analysis: str | None = None) -> str:
+def _fields(key: str, task: str | None, analysis: str | None) -> list[str]:
+    """The schema keys next to ``key`` (its parent node's fields; [] when no schema is known)."""
     import dataclasses
 
-    from .config import node_schema, suggestion
+    from .config import node_schema
+    schema = node_schema(key.rsplit(".", 1)[0] if "." in key else "", task, analysis)
+    return [f.name for f in dataclasses.fields(schema)] if schema else []
+
+
+def _unknown_key(key: str, value: str, task: str | None, analysis: str | None = None) -> str:
+    from .config import suggestion
     parent = key.rsplit(".", 1)[0] if "." in key else ""
-    schema = node_schema(parent, task, analysis)
-    fields = [f.name for f in dataclasses.fields(schema)] if schema else []
+    fields = _fields(key, task, analysis)
     node = {"": "the config", "task": f"task ({task})", "analysis": f"analysis ({analysis})"}.get(parent, parent)
     hint = suggestion(key, fields)
     keys = f"; the keys of {node} are: {', '.join(fields)}" if fields else ""
@@ -78,8 +84,13 @@ def explain(e: BaseException, overrides: Sequence[str]) -> str:
     if isinstance(e, MissingConfigException) and m:
         group, name = m.groups()
         options = group_options(group)               # plugins' options too
-        article = "an" if group[0] in "aeiou" else "a"
+        article = "an" if group[0] in "aeio" else "a"          # "an evr", "a units"
         return f"{group}={name}: not {article} {group} config; {one_of(options)}" if options else msg.splitlines()[0]
+    m = re.match(r"In '([^']+)': \w+ raised while composing config:\nKey '[^']+' not in '\w+'\n\s*full_key: (\S+)", msg)
+    if m:                                            # a YAML file (a plugin's) with a key no schema has
+        from .config import suggestion
+        path, key = m.groups()
+        return f"{path}.yaml: unknown key {key}{suggestion(key, _fields(key, task, analysis))}"
     m = re.match(r"Could not override '([^']+)'", msg)
     if m:
         key = m.group(1)

@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     todo = [z for z in (SMOKE if args.smoke else ZOO)[args.start:] if args.only.lower() in z[1].lower()]
     bad = 0
     print(f"{'architecture':<58} {'readout':<7} {'units':>5} {'Σ err':>8} {'unit err':>8}  worst unit / refusal")
+    print(" ".join("-" * w for w in (58, 7, 5, 8, 8)) + "  " + "-" * 20)          # rows stream in as probed
     for family, arch, kwargs in todo:
         r = probe(family, arch, kwargs, dtype, args.batch)
         if r["status"] == "refused":
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         bad += bool(flag)
         print(f"{r['arch']:<58} {r['readout']:<7} {r['units']:>5} {r['sum_err']:>8.1e} {r['unit_err']:>8.1e}  "
               f"{r['worst_unit']} ({r['seconds']:.0f} s){flag}", flush=True)
-    print(f"{len(todo)} architectures, {bad} above tolerance {args.tolerance:g} ({args.dtype})")
+    print(f"\n{len(todo)} architectures, {bad} above tolerance {args.tolerance:g} ({args.dtype})")
     return 1 if bad else 0
 
 

@@ -181,15 +181,15 @@ def test_attention_pooled_fold_is_exact_in_float64(tmp_path, method, others):
     """MAP units have no per-unit lift: the fold is one D × D map per unit on the units the
     decomposed forward rebuilds; in float64 it equals the training-time module to round-off
     (``official-mean``: compat=official's batch mean of the other units, bug (d))."""
-    from residual_exp.export import AdaptedModel, fold
+    from residual_exp.export import AdaptedModel
     extra = ["compat=official", "method.others=mean"] if others == "official-mean" else ["method.others=add"]
     cfg, run_dir = _train(tmp_path, method, *ARCHS["timm_map_siglip_like"], *SMALL, *extra)
     module, split = reference_module(cfg, run_dir, torch.float64)
     state = {k[len("adapter."):]: v.double() for k, v in module.state_dict().items() if k.startswith("adapter.")}
-    bb = module._backbone[0]
+    bb = module.feed.backbone
     assert bb.pooling().kind == "map" and "pool.mlp" in bb.layout.names
-    folded = fold(method, state, bb.readout(), cfg.cache.layout, cfg.method.others, float(cfg.method.dropped_value),
-                  others == "official-mean")
+    folded = type(module.adapter).fold(state, bb.readout(), cfg.method, cfg.cache.layout,
+                                       "official" if others == "official-mean" else "none")
     assert folded.units is not None and folded.heads is None
     head = module.head
     model = AdaptedModel(bb, folded, head.weight.double(), head.scale, head.normalize_weights, split.classnames, {})

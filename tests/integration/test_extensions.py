@@ -85,8 +85,11 @@ class ScaleAdapter(Adapter):
 '''
 
 TOY_METHOD_YAML = '''
+defaults:
+  - /units@_global_.units: output
+  - /rank@_global_.rank: all
+  - _self_
 name: toy_scale
-units: output
 init: ones
 lr: 0.01
 spec:
@@ -163,6 +166,17 @@ def test_a_plugin_option_is_validated_like_the_package_ones(ext):
     assert proc.returncode == 2, proc.stderr
     assert "method.init=eigenvalues: method=toy_scale takes ones | normal" in proc.stderr
     assert "method.lr=0.0: must be a finite number > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_plugin_yaml_with_a_key_no_schema_has_is_refused_naming_the_file(ext):
+    """A method YAML written before units became a group (``units:`` inside the method) gets one
+    line naming the file, the key and where it went — not Hydra's bare first line."""
+    root, code, search = ext
+    path = code / "conf" / "method" / "old_style.yaml"
+    path.write_text("name: old_style\nunits: output\nspec:\n  adapter: toy_method.ScaleAdapter\n  acts_on: output\n")
+    proc = _cli([*search, "method=old_style"], root, code, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "method/old_style.yaml: unknown key method.units (did you mean units=NAME" in proc.stderr
 
 
 TOY_FAMILY = '''

@@ -128,7 +128,7 @@ def test_cli_logs_offline_without_a_key_and_never_prompts(tmp_path):
         "setting/compat": "none", "setting/cache_layout": "lowrank", "setting/run_dir": str(run_dir),
         "setting/trainable_params": rec["trainable_params"], "setting/n_selected_units": 16,
         "setting/kept_components": rec["trainable_params"]}
-    assert config["method"]["evr"] == 0.9                      # the nested resolved config is there too
+    assert config["rank"]["evr"] == 0.9                      # the nested resolved config is there too
     csv_rows = [line.split(",") for line in (run_dir / "history.csv").read_text().splitlines()[1:]]
     logged = [h for h in history if "history/epoch" in h]
     assert [h["history/epoch"] for h in logged] == [int(r[0]) for r in csv_rows] == list(range(rec["epochs"]))

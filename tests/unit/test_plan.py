@@ -54,4 +54,5 @@ def test_plan_sizes_pooled_readouts_from_the_meta_device():
                         params={"create_kwargs": {"depth": 2, "global_pool": pool, "class_token": False}})
         shapes = build_backbone(cfg).readout().storage_shapes()
         stored = sum(math.prod(s) * (4 if k in WIDE_KEYS else 2) for k, s in shapes.items()) + 8   # + the label
-        assert bytes_per_image("timm", "lowrank", "float16", arch_shape(cfg)) == stored, pool
+        from residual_exp.tasks.plan import model_spec
+        assert bytes_per_image(model_spec(cfg), "lowrank", "float16") == stored, pool

@@ -74,6 +74,9 @@ VARIANTS = ("weighted", "unweighted")
 CROSS_MODEL = ("profile", "raw", "none")
 ESTIMATORS = ("linear", "mle")
 SEED_MAX = 2 ** 32
+# dataset.params of dataset=image_folder (data/image_folder.py reads these keys)
+IMAGE_FOLDER_PARAMS = ("val_fraction", "test_fraction", "split_seed", "templates", "classnames",
+                       "drop_empty_classes", "splits_dir")
 
 FREE_NODES = ("logger", "model.params", "dataset.params", "task.throughput")   # anything goes inside
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -378,6 +381,9 @@ def _check_top(c: _Checker) -> None:
         c.bad("device", device, _one_of(DEVICES) + " (N a GPU index ≥ 0)")
     compat = c.choice("compat", COMPAT)
     c.boolean("resume")
+    name = c.string("run_name")
+    if isinstance(name, str) and unsafe_name(name):
+        c.bad("run_name", name, RUN_NAME_RULE)
     for key in ("sweep_dir", "run_dir", "out", "model_dir", "inputs"):     # checked by the task using them
         c.string(key, null=True)
     for key, allowed in CONVENTIONS.items():
@@ -389,6 +395,27 @@ def _check_top(c: _Checker) -> None:
             if v is not _ABSENT and v != want and v in CONVENTIONS[key]:
                 c.bad(f"conventions.{key}", v, f"compat=official reproduces the official run, which needs "
                                                f"conventions.{key}={want} (or use compat=none)")
+
+
+RUN_NAME_RULE = ("must be a plain folder name (no '/', '\\' or '..'; it is built from task, model.name, "
+                 "dataset.name and method.name): runs stay under outputs/runs/")
+
+
+def unsafe_name(name: str) -> bool:
+    """Whether a run folder name could leave its parent folder (a path separator, ``..``, a NUL)."""
+    return "/" in name or "\\" in name or "\0" in name or name.strip(".") == ""
+
+
+def run_name_problem(cfg) -> str | None:
+    """``run_name=…: …`` when the composed ``cfg``'s run name is not a plain folder name (checked before
+    Hydra creates the run folder: ``python -m residual_exp`` calls it from its override precheck)."""
+    try:
+        name = OmegaConf.select(cfg, "run_name", throw_on_missing=False)
+    except Exception:                          # resolved (and reported) by validate() inside the job
+        return None
+    if isinstance(name, str) and unsafe_name(name):
+        return f"run_name={_fmt(name)}: {RUN_NAME_RULE}"
+    return None
 
 
 def _check_model(c: _Checker) -> None:
@@ -429,6 +456,42 @@ def _check_dataset_node(c: _Checker, prefix: str) -> None:
     params = c.get(f"{prefix}.params")
     if params is not _ABSENT and not isinstance(params, DictConfig):
         c.bad(f"{prefix}.params", params, "must be a dict (key: value, …)")
+    elif params is not _ABSENT and c.get(f"{prefix}.name") == "image_folder":
+        _check_image_folder_params(c, f"{prefix}.params", params)
+
+
+def _check_image_folder_params(c: _Checker, key: str, params) -> None:
+    """``dataset.params`` of ``image_folder``: known keys, fractions in (0, 1) that leave train images,
+    a seed, class names and templates as lists of strings."""
+    for k in params:
+        if k not in IMAGE_FOLDER_PARAMS:
+            close = difflib.get_close_matches(str(k), IMAGE_FOLDER_PARAMS, n=1, cutoff=0.6)
+            c.problems.append(f"unknown key {key}.{k}" + (f" (did you mean {key}.{close[0]}?)" if close else "")
+                              + f": dataset=image_folder takes {', '.join(IMAGE_FOLDER_PARAMS)}")
+    fracs = [c.number(f"{key}.{k}", gt=0, lt=1) for k in ("val_fraction", "test_fraction") if k in params]
+    if len(fracs) == 2 and all(_is_num(f) for f in fracs) and sum(fracs) >= 1:
+        c.bad(f"{key}.test_fraction", fracs[1], f"val_fraction + test_fraction = {sum(fracs):g} leaves no train "
+                                                "images: they must sum to < 1")
+    if "split_seed" in params:
+        c.integer(f"{key}.split_seed", lo=0, hi=SEED_MAX)
+    if "drop_empty_classes" in params:
+        c.boolean(f"{key}.drop_empty_classes")
+    if "splits_dir" in params:
+        c.string(f"{key}.splits_dir", null=True)
+    if params.get("templates") is not None:
+        c.items(f"{key}.templates", lambda k, v: (
+            c.bad(k, v, "must be a prompt with exactly one {} (e.g. 'a photo of a {}.')")
+            if not isinstance(v, str) or v.count("{}") != 1 else None), nonempty=True,
+            what_empty="must list at least one prompt template")
+    names = c.get(f"{key}.classnames")
+    if names is _ABSENT or names is None:
+        return
+    values = list(names.values()) if isinstance(names, DictConfig) else names
+    if not isinstance(names, (DictConfig, ListConfig)) or not all(isinstance(v, str) and v.strip() for v in values):
+        c.bad(f"{key}.classnames", names, "must be a list of non-empty names (one per class folder, in sorted "
+                                          "folder order) or a dict {folder: name}")
+    elif len(values) == 0:
+        c.bad(f"{key}.classnames", names, "must not be empty (null: the folder names)")
 
 
 def _check_pca(c: _Checker) -> None:
@@ -547,6 +610,7 @@ def _check_task(c: _Checker) -> None:
         c.integer("task.batch_size", lo=1)
         c.integer("task.grid", lo=0)
         c.string("task.out_dir", null=True)
+        c.boolean("task.verify_export")
         _existing_dir(c, "model_dir", required="task=predict needs model_dir=<an export folder (task=export)>")
         inputs = c.string("inputs", null=True)
         if inputs is None:
@@ -554,6 +618,7 @@ def _check_task(c: _Checker) -> None:
     elif name == "evaluate":
         c.integer("task.batch_size", lo=1)
         c.choice("task.split", SPLITS)
+        c.boolean("task.verify_export")
         _existing_dir(c, "model_dir", required="task=evaluate needs model_dir=<an export folder (task=export)>")
     elif name == "plan":
         models = _group_options("model")

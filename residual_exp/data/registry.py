@@ -69,6 +69,8 @@ class ClassificationSplit(Dataset):
         self.root = str(root) if root is not None else None
         self.skipped = list(skipped)
         self.content_hash = bool(content_hash)
+        self.label: str | None = None      # the dataset's identity in results when not its name (image_folder)
+        self.record: dict | None = None    # what results record about how the data was split (image_folder)
         self._fingerprint: dict | None = None
         self._entries: list | None = None
         if self.indices is not None and len(self.indices) != len(self.targets):
@@ -144,6 +146,7 @@ class ClassificationSplit(Dataset):
                                   content_hash=self.content_hash)
         if self._entries is not None:
             out._entries = [self._entries[k] for k in keep]
+        out.label, out.record = self.label, self.record
         return out
 
 
@@ -202,8 +205,18 @@ def scan_cache_dir(cfg) -> Path | None:
     root = _root(cfg)
     if root is None:
         return None
+    own = get_entry(cfg.name).meta.get("splits_dir") if cfg.name in _REGISTRY else None
+    if own is not None:                # a user's folder: with the project's outputs, not in the data
+        return own(cfg)
     params = _opt(cfg, "params", {}) or {}
     return split_path(root, "_", params.get("splits_dir")).parent
+
+
+def data_label(cfg) -> str:
+    """The dataset's name in results: its config name, or the identity of a user's folder
+    (``image_folder:<name>-<hash>``, so that different folders never merge)."""
+    own = get_entry(cfg.name).meta.get("identity") if cfg.name in _REGISTRY else None
+    return own(cfg) if own is not None else str(cfg.name)
 
 
 def _train_labels(entry: DatasetEntry, cfg) -> list[int] | None:

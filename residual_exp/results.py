@@ -68,14 +68,53 @@ def _fmt(key: str, v) -> str:
     return "" if v is None else str(v)
 
 
+# --- flags: results that look fine and are not ----------------------------------------------------------
+BELOW_ZERO_SHOT_MARGIN = 0.02     # a trained method this far below zero-shot on val did not train
+
+
+def result_flags(rec: dict, num_classes: int | None = None, margin: float = BELOW_ZERO_SHOT_MARGIN) -> list[str]:
+    """Why a record should be checked before it is believed (``flags`` of results.json, the results table and
+    the report read them): a trained method below zero-shot on val, any accuracy at or below chance
+    (1 / ``num_classes``), an LR finder pick that was not used.  Empty when nothing is suspicious."""
+    flags = []
+    val, zs_val = rec.get("val_accuracy"), rec.get("zero_shot_val_accuracy")
+    if rec.get("method") != "base" and _num(val) and _num(zs_val) and val < zs_val - margin:
+        flags.append(f"below zero-shot: val {val:.4f} < zero-shot {zs_val:.4f} (best epoch {rec.get('best_epoch')} of "
+                     f"{rec.get('epochs')}); check method.lr, method.init and trainer.max_epochs")
+    if num_classes and num_classes > 1:
+        chance = 1.0 / num_classes
+        for key, what in (("test_accuracy", "test"), ("zero_shot_test_accuracy", "zero-shot test")):
+            acc = rec.get(key)
+            if key == "zero_shot_test_accuracy" and rec.get("method") != "base":
+                continue                          # said once, on the base record
+            if _num(acc) and acc <= chance:
+                flags.append(f"at or below chance: {what} {acc:.4f} ≤ 1/{num_classes} = {chance:.4f}; "
+                             + ("the frozen model does not separate these classes (check the class names and "
+                                "prompts)" if what.startswith("zero") else "the method did not learn"))
+    kept = (rec.get("lr_finder") or {}).get("kept_preset")
+    if kept:
+        flags.append(f"LR finder not used: {kept}")
+    return flags
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 _TABLE = [("model", "model"), ("dataset", "dataset"), ("method", "method"), ("params", "trainable_params"),
           ("zero-shot test", "zero_shot_test_accuracy"), ("val", "val_accuracy"), ("test", "test_accuracy"),
           ("seconds", "wall_seconds")]
 
 
 def results_table(records: list[dict]) -> str:
-    """The aligned console table of a job's records."""
-    return text_table(records, [k for _, k in _TABLE], [h for h, _ in _TABLE], fmt=_fmt, right_from=3)
+    """The aligned console table of a job's records; a flagged record (:func:`result_flags`) is marked ``!``
+    in a last column and its reasons follow the table."""
+    flagged = [r for r in records if r.get("flags")]
+    rows = [dict(r, _check="!" if r.get("flags") else "") for r in records] if flagged else records
+    cols = _TABLE + ([("check", "_check")] if flagged else [])
+    table = text_table(rows, [k for _, k in cols], [h for h, _ in cols], fmt=_fmt, right_from=3)
+    notes = [f"! {r.get('method')} ({r.get('model')}, {r.get('dataset')}): {f}" for r in flagged for f in r["flags"]]
+    return "\n".join([table, *notes])
 
 
 # --- config.json ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..classifiers import top1_accuracy
 from ..data.registry import build_split
 from ..methods import build_adapter, needs_bases
 from ..pipeline import Session
-from ..results import LAMBDA_FILE, results_table, save_lambda, write_classes, write_results
+from ..results import LAMBDA_FILE, result_flags, results_table, save_lambda, write_classes, write_results
 from ..runtime import run_dir_of
 from ..train.data import ImageItems, StreamedEncoded, batches, prepare_encoded, prepared_bytes
 from ..train.fit import fit_and_test, training_threads
@@ -42,13 +42,21 @@ def train(cfg: DictConfig) -> int:
     s = Session.open(cfg)
     splits = {name: build_split(cfg.dataset, name, s.backbone.transform) for name in SPLITS}
     log.info("%s: %s", cfg.dataset.name, {name: len(d) for name, d in splits.items()})
-    enc = {name: s.encode_dataset(splits[name], cfg.dataset) for name in SPLITS}
+    enc: dict = {}
+    encoded = lambda name: enc[name] if name in enc else enc.setdefault(name, s.encode_dataset(splits[name], cfg.dataset))
+    # the head first: a text head whose classes cannot be told apart is refused before any image is encoded
+    # (prototype heads need the train encoding, and check it before training)
     head = s.classifier(cfg.dataset, splits["train"].classnames, splits["train"].templates,
-                        train_encoding=lambda: enc["train"])
+                        train_encoding=lambda: encoded("train"))
+    for name in SPLITS:
+        encoded(name)
     write_classes(splits["train"].classnames, splits["train"].templates, run_dir)
 
     zs = {name: top1_accuracy(head, enc[name].features, enc[name].labels) for name in ("val", "test")}
-    common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
+    train_split = splits["train"]
+    common = dict(model=cfg.model.name, dataset=train_split.label or cfg.dataset.name, seed=int(cfg.seed),
+                  **({"dataset_split": dict(train_split.record, sizes={n: len(d) for n, d in splits.items()})}
+                     if train_split.record else {}),
                   zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"],
                   **conventions_record(cfg, s.backbone.has_text))
     records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
@@ -56,6 +64,8 @@ def train(cfg: DictConfig) -> int:
     if cfg.method.name != "base":
         records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir)))
         warn_below_zero_shot(records[-1], zs["val"])
+    for rec in records:                       # results that look fine and are not: said in the table and the record
+        rec["flags"] = result_flags(rec, head.num_classes)
 
     path = write_results(records, run_dir)
     print(results_table(records))
@@ -108,7 +118,8 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path) 
         save_lambda(adapter, s.backbone.layout, run_dir / LAMBDA_FILE, method)
         rec = dict(method=method, trainable_params=adapter.trainable_params(), val_accuracy=res.val_accuracy,
                    test_accuracy=res.test_accuracy, best_epoch=res.best_epoch, epochs=res.epochs_run,
-                   lr=res.lr, wall_seconds=round(time.time() - t0, 2))
+                   lr=res.lr, wall_seconds=round(time.time() - t0, 2),
+                   **({"lr_finder": res.lr_finder} if res.lr_finder else {}))
         if logger is not None:
             logger.log_metrics({"final/" + k: v for k, v in rec.items() if isinstance(v, (int, float))})
         code = 0

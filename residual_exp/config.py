@@ -184,6 +184,7 @@ class PredictTask(TaskConfig):
     batch_size: int = 64
     grid: int = 16                     # images shown in predictions.png
     out_dir: Optional[str] = None      # default: the run dir
+    verify_export: bool = True         # check the export's files against its manifest.json (false: skip)
 
 
 @dataclass
@@ -192,6 +193,7 @@ class EvaluateTask(TaskConfig):
     name: str = "evaluate"
     batch_size: int = 64
     split: str = "test"
+    verify_export: bool = True         # check the export's files against its manifest.json (false: skip)
 
 
 @dataclass
@@ -252,6 +254,9 @@ def register_configs() -> None:
     # ${uid:}: a short random token, resolved once per config (run / sweep folders are never shared)
     OmegaConf.register_new_resolver("uid", _unique_id, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+    # ${auto_workers:}: data-loading workers = min(4, the cores this machine lets the job use)
+    from .machine import default_workers
+    OmegaConf.register_new_resolver("auto_workers", default_workers, replace=True)
 
     from .analysis.config import register_analysis_configs
     cs = ConfigStore.instance()

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..atomic import atomic_path
+from ..atomic import replaced_folder
 from ..config import ModelConfig
-from ..export import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, TENSORS_FILE, fold
+from ..errors import UserError, writable_dir
+from ..export import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, TENSORS_FILE, fold, write_manifest
 from ..results import read_classes, read_results, read_run_config
 from ..runtime import resolve_device, seed_everything
 
@@ -34,8 +35,8 @@ def _trained_dir(run_dir: Path) -> Path:
         origin = Path(json.loads(resumed.read_text()).get("from_run_dir") or "")
         if (origin / "checkpoints" / "best.ckpt").is_file():
             return origin
-    raise FileNotFoundError(f"run_dir={str(run_dir)!r}: no checkpoints/best.ckpt (and no resumed.json pointing at a "
-                            "run that has one): export needs a run of task=train with a trained method")
+    raise UserError(f"run_dir={str(run_dir)!r}: no checkpoints/best.ckpt (and no resumed.json pointing at a "
+                    "run that has one): export needs a run of task=train with a trained method")
 
 
 def _package_version() -> str:
@@ -46,17 +47,49 @@ def _package_version() -> str:
         return "unknown"
 
 
+def read_run(run_dir: Path) -> tuple[dict, dict, dict]:
+    """``(config, classes, the method's record)`` of a ``task=train`` run folder, or a user error saying
+    why the folder is not one (empty, another task's, a run that failed before writing its results)."""
+    what = f"run_dir={run_dir}"
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{what}: not a run folder of task=train (no config.json; a training run writes "
+                        "config.json, classes.json and results.json)")
+    try:
+        conf = read_run_config(run_dir)
+        method = conf["method"]["name"]
+        for key in ("model", "dataset", "conventions", "cache", "seed"):
+            conf[key]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{what}: config.json is not the config of a training run (no {e})") from None
+    if conf.get("task", {}).get("name", "train") != "train":
+        raise UserError(f"{what}: a run of task={conf['task']['name']}, not a training run")
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"{what}: no results.json: the run did not finish (train it again, or export another run)")
+    records = read_results(run_dir / "results.json")
+    rec = next((r for r in records if r.get("method") == method), None)
+    if rec is None:
+        raise UserError(f"{what}: results.json has no record of its method {method}")
+    return conf, read_classes(run_dir), rec
+
+
+def output_folder(out: Path, key: str = "out") -> Path:
+    """``out`` as a place for a new export: a new or empty folder, or an earlier export (replaced); anything
+    else (a file, a folder with other content, a folder that cannot be written) is refused before work."""
+    writable_dir(out, key)
+    if out.exists() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise UserError(f"{key}={out}: exists and is not an export folder (it holds other files); choose a new "
+                        "or empty folder")
+    return out
+
+
 def export(cfg) -> int:
     from ..backbones import build_backbone
     if not cfg.get("run_dir"):
-        raise ValueError("task=export needs run_dir=<a run folder of task=train>")
+        raise UserError("run_dir=null: task=export needs run_dir=<a run folder of task=train>")
     run_dir = Path(str(cfg.run_dir)).expanduser()
-    conf = read_run_config(run_dir)
-    classes = read_classes(run_dir)
-    records = read_results(run_dir / "results.json")
+    conf, classes, rec = read_run(run_dir)
     method = conf["method"]["name"]
-    rec = next(r for r in records if r["method"] == method)
-    out = Path(str(cfg.out)).expanduser() if cfg.get("out") else run_dir / "export"
+    out = output_folder(Path(str(cfg.out)).expanduser() if cfg.get("out") else run_dir / "export")
     seed_everything(int(conf["seed"]))                       # random-init weights depend on the seed
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), conf["model"])
     backbone = build_backbone(model_cfg).eval()
@@ -95,6 +128,7 @@ def export(cfg) -> int:
         s = Session.open(job, model_cfg, progress=False)
         head_weight = s.classifier(job.dataset, classes["classnames"], classes["templates"]).weight
     model_node = OmegaConf.to_container(model_cfg, resolve=True)
+    model_node["logit_scale"] = float(backbone.logit_scale)       # the scale this backbone has (a text tower's own)
     config = {
         "format": EXPORT_FORMAT, "backbone": model_node, "weights": "copy" if copy else "reference",
         "output_dim": backbone.output_dim, "method": method, "method_config": conf["method"],
@@ -111,14 +145,15 @@ def export(cfg) -> int:
     from safetensors.torch import save_file
     tensors = {k: v.float().contiguous() for k, v in folded.tensors().items()}
     tensors["classifier"] = head_weight.float().contiguous()
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
+    with replaced_folder(out) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE))
         if copy:
             # the library model's own state dict: what model.weights= loads (clones: no shared storage)
             save_file({k: v.detach().float().contiguous().clone() for k, v in backbone.model.state_dict().items()},
                       str(tmp / BACKBONE_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+        write_manifest(tmp, None if copy else model_cfg.weights and str(Path(str(model_cfg.weights)).expanduser()
+                                                                        .resolve()))
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"exported {method} of {run_dir} → {out} ({size:.1f} MiB; weights {config['weights']}; "
           f"test accuracy {rec['test_accuracy']:.4f})")

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 # dataset -> (protocol, sizes of its official splits, val fraction, "large" images (decoding-bound))
 SOURCE_SIZES = {
     "cifar10": ("carve_val", {"train": 50_000, "test": 10_000}, 0.1, False),
@@ -47,7 +49,8 @@ def split_sizes(dataset: str, params: dict | None = None) -> dict[str, int]:
     if dataset.startswith("shapes"):
         return {s: int(params.get(f"n_{s}", 0)) for s in ("train", "val", "test", "reference")}
     if dataset not in SOURCE_SIZES:
-        raise KeyError(f"no nominal sizes for dataset {dataset!r} (known: {', '.join(sorted(SOURCE_SIZES))})")
+        raise UserError(f"dataset={dataset}: task=plan has no nominal sizes for it (known: "
+                        f"{', '.join(sorted(SOURCE_SIZES))}, shapes_*); plan a grid of those datasets")
     protocol, sizes, frac, _ = SOURCE_SIZES[dataset]
     if protocol == "carve_val":
         val = round(frac * sizes["train"])
@@ -118,7 +121,7 @@ def plan_rows(cells: list[dict], tp: Throughput, cache_dir: Path, layout: str = 
     """
     by_model: dict[str, dict] = {}
     for c in cells:
-        m = by_model.setdefault(c["model"], {"pairs": {}, "refs": {}, "jobs": [], "finetune": []})
+        m = by_model.setdefault(c["model"], {"pairs": {}, "refs": {}, "jobs": [], "finetune": [], "base": 0})
         sizes = split_sizes(c["dataset"], c.get("params"))
         m["pairs"][c["dataset"]] = sizes
         ref = c.get("reference") or c["dataset"]
@@ -132,10 +135,12 @@ def plan_rows(cells: list[dict], tp: Throughput, cache_dir: Path, layout: str = 
             m["finetune"].append((c["dataset"], sizes, c["batch_size"]))
         elif c["method"] != "base":
             m["jobs"].append((c["dataset"], sizes["train"], c["batch_size"]))
+        else:
+            m["base"] += 1                            # zero-shot: encodes, trains nothing (still a job)
     rows = []
     for model, m in by_model.items():
         if model not in ARCHS:
-            raise KeyError(f"task=plan has no architecture for model {model!r} (known: {', '.join(sorted(ARCHS))})")
+            raise UserError(f"model={model}: task=plan has no architecture for it (known: {', '.join(sorted(ARCHS))})")
         encodes = {s: sum(sz[s] for sz in m["pairs"].values()) for s in ("train", "val", "test")}
         n_enc = sum(encodes.values())
         n_ref = sum(n for (_, _, n) in m["refs"])
@@ -152,7 +157,7 @@ def plan_rows(cells: list[dict], tp: Throughput, cache_dir: Path, layout: str = 
         ft_rate = float(tp.finetune.get(model, tp.finetune.get("default", 100)))
         ft_s = sum(epochs * sz["train"] / ft_rate + (sz["val"] * epochs + sz["test"]) / tp.encode_rate(model, ds)
                    for ds, sz, _ in m["finetune"])
-        rows.append({"model": model, "pairs": len(m["pairs"]), "jobs": len(m["jobs"]) + len(m["finetune"]),
+        rows.append({"model": model, "pairs": len(m["pairs"]), "jobs": len(m["jobs"]) + len(m["finetune"]) + m["base"],
                      "train_images": encodes["train"], "val_images": encodes["val"], "test_images": encodes["test"],
                      "reference_images": n_ref, "cache_GB": n_enc * bpi / 1e9, "cached_splits": cached,
                      "splits": 3 * len(m["pairs"]), "disk_needed_GB": todo * bpi / 1e9,

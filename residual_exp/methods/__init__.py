@@ -22,6 +22,17 @@ def needs_bases(method_cfg) -> bool:
     return method_cfg.name in NEEDS_BASES or (method_cfg.name == "residual_coarse" and method_cfg.others == "mean")
 
 
+def warn_k_clamped(k: int | None, components: dict) -> bool:
+    """``method.k`` above a unit's number of components keeps all of them (clamped per unit, README): say so."""
+    over = {g: int(n) for g, n in components.items() if k is not None and k > int(n)}
+    if over:
+        import logging
+        logging.getLogger(__name__).warning(
+            "method.k=%d is more than the components of %s: those units keep all their components (k is clamped "
+            "per unit)", k, ", ".join(f"{g} ({n})" for g, n in over.items()))
+    return bool(over)
+
+
 def prune_rule(evr_rule: str = "strict", compat: str = "none") -> dict:
     """Keyword arguments of :meth:`PCABasis.prune` for ``conventions.evr_rule`` and ``compat``
     (compat=official also keeps k=1 when a unit never reaches the EVR target, bug (c))."""
@@ -60,6 +71,7 @@ def build_adapter(method_cfg, source, output_dim: int, unit_bases=None, output_b
         return LinearAdapter(output_dim, method_cfg.init)
     rule = prune_rule(evr_rule, compat)
     if name == "spectral_adapter":
+        warn_k_clamped(method_cfg.k, {"output": output_basis.num_components})
         basis = output_basis.prune(evr=method_cfg.evr, k=method_cfg.k, **rule)
         basis = coordinate_basis(basis) if official else basis.compact()
         return SpectralReweighting([("output", [0], basis)], None, 1, dropped_value=method_cfg.dropped_value,
@@ -77,6 +89,7 @@ def build_adapter(method_cfg, source, output_dim: int, unit_bases=None, output_b
     # the official code zero-pads every unit's basis to the largest K; square (K = D) bases are
     # then reconstructed with their transpose (bug b)
     square = official and max(b.num_components for _, _, b in blocks) == unit_bases.dim
+    warn_k_clamped(method_cfg.k, {grp: b.num_components for grp, _, b in blocks})
     blocks = [(grp, idx, b.prune(evr=method_cfg.evr, k=method_cfg.k, **rule).compact()) for grp, idx, b in blocks]
     return SpectralReweighting(blocks, source, len(layout), others=method_cfg.others, other_mean=other_mean,
                                dropped_value=method_cfg.dropped_value, init=method_cfg.init, generator=g,

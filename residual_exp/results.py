@@ -85,8 +85,8 @@ def result_flags(rec: dict, num_classes: int | None = None, margin: float = BELO
         chance = 1.0 / num_classes
         for key, what in (("test_accuracy", "test"), ("zero_shot_test_accuracy", "zero-shot test")):
             acc = rec.get(key)
-            if key == "zero_shot_test_accuracy" and rec.get("method") != "base":
-                continue                          # said once, on the base record
+            if (key == "zero_shot_test_accuracy") != (rec.get("method") == "base"):
+                continue                          # zero-shot said once, on the base record (whose test is zero-shot)
             if _num(acc) and acc <= chance:
                 flags.append(f"at or below chance: {what} {acc:.4f} ≤ 1/{num_classes} = {chance:.4f}; "
                              + ("the frozen model does not separate these classes (check the class names and "
@@ -127,8 +127,8 @@ def write_run_config(config: dict, run_dir: Path) -> Path:
 def read_run_config(run_dir: Path) -> dict:
     path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {RUN_CONFIG_FILE} (a run dir of `python -m residual_exp` "
-                                "task=train holds it)")
+        raise ResultsFileError(f"{run_dir}: not a run folder (no {RUN_CONFIG_FILE}; a run dir of "
+                               "`python -m residual_exp` task=train holds it)")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -560,7 +560,9 @@ def _check_trainer(c: _Checker) -> None:
 
 
 def _check_cache(c: _Checker) -> None:
-    c.string("cache.dir")
+    folder = c.string("cache.dir")
+    if isinstance(folder, str) and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
+        c.bad("cache.dir", folder, "is a file, not a folder")
     c.choice("cache.layout", CACHE_LAYOUTS)
     c.choice("cache.dtype", CACHE_DTYPES)
     c.number("cache.memory_budget_gb", gt=0)

@@ -76,6 +76,7 @@ def load_weights_file(path, key: str = "model.weights", allow: tuple[str, ...] =
     ``{"model": …}`` / ``{"module": …}``.  Anything else raises :class:`BadWeightsFile` with the
     reason.  ``allow``: extra top-level keys whose non-tensor values are dropped silently."""
     import pickle
+    import warnings
 
     import torch
     p = Path(os.path.expanduser(str(path)))
@@ -99,7 +100,9 @@ def load_weights_file(path, key: str = "model.weights", allow: tuple[str, ...] =
             with open(p, "rb") as f:
                 head = f.read(4)
             try:
-                sd = torch.load(str(p), map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():            # torch's notes on foreign pickle protocols
+                    warnings.simplefilter("ignore")
+                    sd = torch.load(str(p), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
                 if head == _ZIP_MAGIC or head[:1] == b"\x80":
                     raise BadWeightsFile(path, _unpickling_reason(e), key) from None

@@ -39,8 +39,10 @@ def train(cfg: DictConfig) -> int:
     t_start = time.time()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    splits = {name: build_split(cfg.dataset, name) for name in SPLITS}    # the data is checked before the model
     s = Session.open(cfg)
-    splits = {name: build_split(cfg.dataset, name, s.backbone.transform) for name in SPLITS}
+    for d in splits.values():
+        d.transform = s.backbone.transform
     log.info("%s: %s", cfg.dataset.name, {name: len(d) for name, d in splits.items()})
     enc: dict = {}
     encoded = lambda name: enc[name] if name in enc else enc.setdefault(name, s.encode_dataset(splits[name], cfg.dataset))

@@ -113,15 +113,15 @@ def implausible_lr(suggestion: float | None, preset: float) -> str | None:
     """Why the finder's ``suggestion`` should not replace ``preset`` (None: use it)."""
     if suggestion is None or not math.isfinite(suggestion):
         return "no suggestion (loss curve without a usable slope)"
-    lo, hi = LR_FIND_RANGE
-    if not lo <= suggestion <= hi:
-        return f"its suggestion lr={suggestion:.3g} is outside the sane range [{lo:g}, {hi:g}]"
     if suggestion < preset / LR_FIND_FACTOR:
         return (f"its suggestion lr={suggestion:.3g} is more than {LR_FIND_FACTOR:g}x below the preset "
                 f"{preset:.3g}")
     if suggestion > preset * LR_FIND_FACTOR:
         return (f"its suggestion lr={suggestion:.3g} is more than {LR_FIND_FACTOR:g}x above the preset "
                 f"{preset:.3g}")
+    lo, hi = LR_FIND_RANGE
+    if not lo <= suggestion <= hi:
+        return f"its suggestion lr={suggestion:.3g} is outside the sane range [{lo:g}, {hi:g}]"
     return None
 
 

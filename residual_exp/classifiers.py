@@ -203,12 +203,8 @@ def check_class_vectors(weight: torch.Tensor, classnames: Sequence[str],
     groups = _groups(sim, DEGENERATE_COSINE)
     if groups:
         why = reason(groups) if callable(reason) else reason
-        n = sum(len(g) for g in groups)
-        raise IndistinguishableClassesError(
-            f"the frozen classifier cannot tell {n} of its {len(classnames)} classes apart: "
-            f"{_describe_groups(groups, classnames)} have identical class vectors (cosine ≥ {DEGENERATE_COSINE}), so "
-            f"every method would score them alike{': ' + why if why else ''}",
-            [[classnames[i] for i in g] for g in groups])
+        raise _indistinguishable(groups, classnames, f"have identical class vectors (cosine ≥ {DEGENERATE_COSINE}), "
+                                                     f"so every method would score them alike{': ' + why if why else ''}")
     near = torch.nonzero(torch.triu(sim >= NEAR_DUPLICATE_COSINE, diagonal=1)).tolist()
     if near:
         pairs = ", ".join(f"{classnames[i]!r}~{classnames[j]!r} ({float(sim[i, j]):.5f})" for i, j in near[:5])
@@ -247,12 +243,15 @@ def check_distinct_prompts(backbone, classnames: Sequence[str], templates: Seque
         keyed = [rows.get(i, (first[i],)) if i in set(suspects) else ("distinct", i) for i in range(len(classnames))]
         groups = _equal_groups(keyed)
     if groups:
-        n = sum(len(g) for g in groups)
-        raise IndistinguishableClassesError(
-            f"the frozen classifier cannot tell {n} of its {len(classnames)} classes apart: "
-            f"{_describe_groups(groups, classnames)} get the same prompts: "
-            f"{prompt_reason(backbone, classnames, templates)(groups)}",
-            [[classnames[i] for i in g] for g in groups])
+        raise _indistinguishable(groups, classnames,
+                                 f"get the same prompts: {prompt_reason(backbone, classnames, templates)(groups)}")
+
+
+def _indistinguishable(groups: list[list[int]], classnames: Sequence[str], what: str) -> IndistinguishableClassesError:
+    n = sum(len(g) for g in groups)
+    return IndistinguishableClassesError(
+        f"the frozen classifier cannot tell {n} of its {len(classnames)} classes apart: "
+        f"{_describe_groups(groups, classnames)} {what}", [[classnames[i] for i in g] for g in groups])
 
 
 def _equal_groups(keys: list) -> list[list[int]]:

@@ -336,15 +336,10 @@ def read_export_config(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise ExportError(f"{folder}: {'is a file, not' if folder.exists() else 'no such'} export folder (the output "
                           "of `python -m residual_exp task=export`)")
+    from .results import read_json_object
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ExportError(f"{folder}: no {CONFIG_FILE}: not an export folder (the output of `python -m residual_exp "
-                          "task=export`)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        got = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ExportError(f"{path}: export format {got!r}, this version reads {EXPORT_FORMAT}")
+    config = read_json_object(path, "export config", f"{folder}: no {CONFIG_FILE}: not an export folder (the output "
+                                                     "of `python -m residual_exp task=export`)", ExportError)
+    if config.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: export format {config.get('format')!r}, this version reads {EXPORT_FORMAT}")
     return config

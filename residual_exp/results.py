@@ -124,18 +124,26 @@ def write_run_config(config: dict, run_dir: Path) -> Path:
     return path
 
 
-def read_run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / RUN_CONFIG_FILE
+def read_json_object(path: Path, what: str, missing: str, error: type = None) -> dict:
+    """The JSON object in ``path``, or ``error`` (default :class:`ResultsFileError`, a user error) saying
+    ``missing`` when there is no such file, or that it is not a readable ``what``."""
+    error = error or ResultsFileError
+    path = Path(path)
     if not path.is_file():
-        raise ResultsFileError(f"{run_dir}: not a run folder (no {RUN_CONFIG_FILE}; a run dir of "
-                               "`python -m residual_exp` task=train holds it)")
+        raise error(missing)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ResultsFileError(f"{path}: unreadable run config ({type(e).__name__}: {e})") from e
+        raise error(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
-        raise ResultsFileError(f"{path}: not a config object")
+        raise error(f"{path}: not a {what} (a JSON {type(data).__name__}, not an object)")
     return data
+
+
+def read_run_config(run_dir: Path) -> dict:
+    return read_json_object(Path(run_dir) / RUN_CONFIG_FILE, "run config",
+                            f"{run_dir}: not a run folder (no {RUN_CONFIG_FILE}; a run dir of "
+                            "`python -m residual_exp` task=train holds it)")
 
 
 def write_classes(classnames, templates, run_dir: Path) -> Path:

@@ -433,9 +433,12 @@ def _check_model(c: _Checker) -> None:
                                   f"(e.g. {_ARCH_EXAMPLE[family]})")
     if isinstance(weights, str):
         import os
-        if not Path(os.path.expanduser(weights)).is_file():
+        p = Path(os.path.expanduser(weights))
+        if not p.is_file():
             c.bad("model.weights", weights, "no such file: give the path of a saved checkpoint, or null to use "
                                             "model.pretrained")
+        elif p.stat().st_size == 0:
+            c.bad("model.weights", weights, "empty file (0 bytes): give the path of a saved checkpoint")
     if family == "tiny_clip" and weights is None:
         c.choice("model.pretrained", ("embedded",), null=True,
                  what="model.family=tiny_clip takes model.pretrained=embedded or null (random weights), "

@@ -220,8 +220,7 @@ def run_text_spans(cfg, a, out: Path) -> int:
             save_text(dropped, out / f"dictionary_dropped_{_safe(label)}.txt")
         if len(texts) < 2:
             from ..errors import UserError
-            raise UserError(f"analysis.dictionary={a.dictionary}: {label} can read fewer than 2 of its descriptions "
-                            f"({msg}); nothing to decompose onto")
+            raise UserError(f"analysis.dictionary={a.dictionary}: {label} reads fewer than 2 of its lines ({msg})")
         atoms = ts.prepare_dictionary(ts.encode_texts(s.backbone, texts, s.device, progress=s.progress),
                                       a.center_dictionary)
         unit_basis, output_basis = s.reference_bases(run.pca if run is not None else None)

@@ -31,7 +31,7 @@ register_configs()
 # Looked up in sys.modules only: a module never imported cannot have raised (and --help or a
 # refused config stay free of torch).
 USER_ERRORS = {
-    "residual_exp.errors": ("ConfigError",),
+    "residual_exp.errors": ("ConfigError", "UserError"),  # the config; paths, run / export folders, changed exports
     "residual_exp.data.errors": ("DatasetError",),          # DatasetNotFound, SplitMismatchError, BadImageError, …
     "residual_exp.backbones.base": ("UnsupportedArchitecture",),
     "residual_exp.backbones.weights": ("WeightsUnavailable",),
@@ -47,6 +47,17 @@ def _user_error_types() -> tuple[type, ...]:
         mod = sys.modules.get(module)
         types += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
     return tuple(types)
+
+
+def _user_message(e: BaseException) -> str | None:
+    """The ``error:`` lines of a problem the user can fix (a user error, or an operating-system
+    error about one of the user's paths: read-only, a file where a folder is needed, a full disk),
+    else None."""
+    if isinstance(e, _user_error_types()):
+        return _message(e)
+    from .errors import os_error_message            # a leaf module (no torch)
+    line = os_error_message(e)
+    return f"error: {line}" if line else None
 
 
 def _message(e: BaseException) -> str:
@@ -79,12 +90,13 @@ def _app(cfg: DictConfig) -> None:
     try:
         code = run(cfg)
     except Exception as e:
-        if not isinstance(e, _user_error_types()):
+        message = _user_message(e)
+        if message is None:
             raise
         if _multirun():                              # Hydra records the job as failed, message only
             from .errors import JobFailed
-            raise JobFailed(_message(e)) from None
-        print(_message(e), file=sys.stderr, flush=True)
+            raise JobFailed(message) from None
+        print(message, file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     if code:
         # Hydra swallows return values; a non-zero exit status must leave the process.
@@ -104,6 +116,9 @@ def main() -> None:
         sys.exit(0)
     from .overrides import precheck
     problems = precheck(sys.argv[1:])                # overrides Hydra cannot compose: our wording, exit 2
+    if not problems:
+        from .overrides import output_dir_problem
+        problems = [p for p in [output_dir_problem(sys.argv[1:])] if p]   # a run folder Hydra cannot create
     if problems:
         print("\n".join(f"error: {p}" for p in problems), file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)

@@ -45,6 +45,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         remove(tmp)
 
 
+@contextmanager
+def replaced_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path`` to fill; on success it takes ``path``'s place, an
+    earlier folder there is moved aside first and removed after (a directory cannot be renamed over a
+    non-empty one); on an error nothing changes at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{unique_token()}.tmp")
+    old = path.with_name(f".{path.name}.{unique_token()}.old")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        remove(tmp)
+        remove(old)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .catalog import (FAMILIES, SEED_MAX, TRAINER_PRECISIONS, Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind,
                       CacheLayout, CheckDtype, Classifier, Compat, DatasetSpec, EvrRule, Init, MethodSpec, ModelPrecision,
@@ -25,6 +25,7 @@ from .catalog import (FAMILIES, SEED_MAX, TRAINER_PRECISIONS, Accelerator, ActsO
                       UnitConvention, UnitKind, Verify, rule)
 from .errors import ConfigError
 from .catalog.specs import CONF_MODULE  # noqa: F401  (re-exported: where the configs live)
+from .catalog.fields import fmt
 
 SEED = dict(ge=0, lt=SEED_MAX)
 
@@ -35,7 +36,7 @@ class ModelConfig:
     family: str = MISSING              # backbone family (catalog.FAMILIES, or one registered by spec.module)
     arch: Optional[str] = None         # library architecture name (open_clip / timm / hub id)
     pretrained: Optional[str] = None   # hub tag; null → random weights (tests, checks)
-    weights: Optional[str] = rule(None, path="file",
+    weights: Optional[str] = rule(None, path="checkpoint",
                                   what="no such file: give the path of a saved checkpoint, or null to use "
                                        "model.pretrained")   # local checkpoint file (overrides `pretrained`)
     image_size: Optional[int] = rule(None, ge=1)   # input resolution (None: the architecture's own)
@@ -75,8 +76,38 @@ class DatasetConfig:
     num_workers: int = rule(0, ge=0)
     skip_bad_images: bool = False      # skip (and count) unreadable images instead of failing
     content_hash: bool = False         # fingerprint folder data by content (SHA-256), not size + mtime
-    params: Dict[str, Any] = rule(factory=dict, free=True)
+    params: Dict[str, Any] = rule(factory=dict, free=True, schema_at="spec.params")   # checked against spec.params
     spec: DatasetSpec = field(default_factory=DatasetSpec)
+
+
+@dataclass
+class ImageFolderParams:
+    """``dataset.params`` of ``dataset=image_folder`` (:mod:`residual_exp.data.image_folder`)."""
+    val_fraction: float = rule(0.1, gt=0, lt=1)     # carved from the images (plain) or from train/ (split without val/)
+    test_fraction: float = rule(0.1, gt=0, lt=1)    # plain layout only
+    split_seed: int = rule(42, **SEED)              # seed of the stratified carving
+    drop_empty_classes: bool = False                # leave out class folders without images (recorded) instead of refusing
+    classnames: Any = None                          # null: folder names; a list (sorted folder order) or {folder: name}
+    templates: Optional[List[str]] = rule(None, min_len=1)   # prompts with one {} each (null: 'a photo of a {}.')
+    splits_dir: Optional[str] = rule(None, path="folder")    # where carved splits go (null: outputs/splits)
+
+    @staticmethod
+    def check(node, root, bad) -> None:
+        if node.val_fraction + node.test_fraction >= 1:
+            bad("test_fraction", node.test_fraction, f"val_fraction + test_fraction = "
+                f"{node.val_fraction + node.test_fraction:g} leaves no train images: they must sum to < 1")
+        for i, t in enumerate(node.templates or []):
+            if not isinstance(t, str) or t.count("{}") != 1:
+                bad(f"templates[{i}]", t, "must be a prompt with exactly one {} (e.g. 'a photo of a {}.')")
+        names = node.classnames
+        if names is None:
+            return
+        values = list(names.values()) if isinstance(names, DictConfig) else names
+        if not isinstance(names, (DictConfig, ListConfig)) or not all(isinstance(v, str) and v.strip() for v in values):
+            bad("classnames", names, "must be a list of non-empty names (one per class folder, in sorted folder order) "
+                                     "or a dict {folder: name}")
+        elif len(values) == 0:
+            bad("classnames", names, "must not be empty (null: the folder names)")
 
 
 @dataclass
@@ -186,7 +217,7 @@ class TrainerConfig:
 
 @dataclass
 class CacheConfig:
-    dir: str = "${paths.cache_dir}"
+    dir: str = rule("${paths.cache_dir}", path="folder")
     layout: CacheLayout = CacheLayout.lowrank   # lowrank: heads as head_dim activations + norm stats (exact, ~14x smaller)
     dtype: CacheDtype = CacheDtype.auto         # storage dtype (auto: float16 for real backbones, float32 for tiny_clip)
     memory_budget_gb: float = rule(4.0, gt=0)   # larger encodings are streamed from disk (memmap)
@@ -352,6 +383,7 @@ class PredictTask(TaskConfig):
     batch_size: int = rule(64, ge=1)
     grid: int = rule(16, ge=0)         # images shown in predictions.png
     out_dir: Optional[str] = None      # default: the run dir
+    verify_export: bool = True         # check the export's files against its manifest.json (false: skip)
 
     @staticmethod
     def check(node, root, bad) -> None:
@@ -367,6 +399,7 @@ class EvaluateTask(TaskConfig):
     name: str = "evaluate"
     batch_size: int = rule(64, ge=1)
     split: Split = Split.test
+    verify_export: bool = True         # check the export's files against its manifest.json (false: skip)
 
     @staticmethod
     def check(node, root, bad) -> None:
@@ -422,6 +455,8 @@ class Config:
 
     @staticmethod
     def check(node, root, bad) -> None:
+        if unsafe_name(node.run_name):
+            bad("run_name", node.run_name, RUN_NAME_RULE)
         d = node.device
         if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
             bad("device", d, Config.__dataclass_fields__["device"].metadata["what"])
@@ -502,6 +537,25 @@ def _unique_id() -> str:
     return uuid.uuid4().hex[:6]
 
 
+RUN_NAME_RULE = ("must be a plain folder name (no '/', '\\' or '..'; it is built from task, model.name, "
+                 "dataset.name and method.name): runs stay under outputs/runs/")
+
+
+def unsafe_name(name: str) -> bool:
+    """Whether a run folder name could leave its parent folder (a path separator, ``..``, a NUL)."""
+    return "/" in name or "\\" in name or "\0" in name or name.strip(".") == ""
+
+
+def run_name_problem(cfg) -> str | None:
+    """``run_name=…: …`` when the composed ``cfg``'s run name is not a plain folder name (checked before
+    Hydra creates the run folder: ``python -m residual_exp`` calls it from its override precheck)."""
+    try:
+        name = OmegaConf.select(cfg, "run_name", throw_on_missing=False)
+    except Exception:                          # resolved (and reported) by validate() inside the job
+        return None
+    return f"run_name={fmt(name)}: {RUN_NAME_RULE}" if isinstance(name, str) and unsafe_name(name) else None
+
+
 def _run_name(task: str, model: str, dataset: str, method: str) -> str:
     """The run folder's name: ``model-dataset-method`` for training, the task (and what it is
     about) otherwise, so that e.g. ``task=predict`` runs do not land among the default model's runs."""
@@ -518,6 +572,9 @@ def register_configs() -> None:
     # ${uid:}: a short random token, resolved once per config (run / sweep folders are never shared)
     OmegaConf.register_new_resolver("uid", _unique_id, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+    # ${auto_workers:}: data-loading workers = min(4, the cores this machine lets the job use)
+    from .machine import default_workers
+    OmegaConf.register_new_resolver("auto_workers", default_workers, replace=True)
 
     from .analysis.config import register_analysis_configs
     cs = ConfigStore.instance()

@@ -170,6 +170,8 @@ def subsample_split(split_ds, ds_cfg, split: str, transform, max_samples: int | 
 
 def loader(split_ds, batch_size: int, num_workers: int) -> DataLoader:
     """Images in order, with worker processes and pinned memory when CUDA is there."""
+    from .machine import loader_workers
+    num_workers = loader_workers(num_workers)          # never more processes than usable cores
     return DataLoader(split_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=stack_images, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False)

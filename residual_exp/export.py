@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .decompose.readout import UnitSource
+from .errors import UserError, writable_dir
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
@@ -185,20 +186,18 @@ class AdaptedModel(nn.Module):
         return logits + self.bias if self.bias else logits
 
 
-def load_adapted(folder: str | Path, device: str = "cpu") -> AdaptedModel:
-    """Rebuild an exported run (``task=export``) from its folder alone."""
+def load_adapted(folder: str | Path, device: str = "cpu", verify: bool = True) -> AdaptedModel:
+    """Rebuild an exported run (``task=export``) from its folder alone; with ``verify`` (default) every
+    file must match the folder's ``manifest.json`` first (:func:`verify_export`)."""
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
     from .backbones import build_backbone
     from .config import ModelConfig
     folder = Path(folder).expanduser()
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE} (an export folder of `python -m residual_exp task=export`)")
-    config = json.loads(path.read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: export format {config.get('format')!r}, this version reads {EXPORT_FORMAT}")
+    config = read_export_config(folder)
+    if verify:
+        verify_export(folder)
     model_cfg = dict(config["backbone"])
     if config.get("weights") == "copy":
         model_cfg["weights"] = str(folder / BACKBONE_FILE)
@@ -213,3 +212,92 @@ def load_adapted(folder: str | Path, device: str = "cpu") -> AdaptedModel:
     c = config["classifier"]
     return AdaptedModel(backbone, folded, cls, c["scale"], c["normalize_weights"], config["classnames"],
                         config, c.get("bias", 0.0)).to(device).eval()
+
+
+# --- integrity of an export folder ------------------------------------------------------------------------
+# ``manifest.json`` records the size and BLAKE2b checksum of every file of the folder (adapted.json — class
+# names, scale, backbone reference —, adapted.safetensors and, when copied, backbone.safetensors) and the
+# identity of a referenced weights file.  :func:`load_adapted` (so task=predict and task=evaluate) refuses a
+# folder whose files no longer match it; ``verify=False`` (``task.verify_export=false``) skips the check.
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+EXPORT_FILES = (CONFIG_FILE, TENSORS_FILE, BACKBONE_FILE)
+
+
+class ExportError(UserError):
+    """An export folder that cannot be used as it is (missing, changed or foreign files): one line, exit 2."""
+
+
+def write_manifest(folder: Path, referenced_weights: str | None = None) -> Path:
+    """Checksum every export file present in ``folder`` (and fingerprint a referenced weights file)."""
+    from .cache import file_fingerprint, file_record
+    folder = Path(folder)
+    files = {name: file_record(folder / name) for name in EXPORT_FILES if (folder / name).is_file()}
+    record = {"format": MANIFEST_FORMAT, "files": files}
+    if referenced_weights:
+        record["weights"] = {"path": str(referenced_weights), "fingerprint": file_fingerprint(referenced_weights)}
+    path = folder / MANIFEST_FILE
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def verify_export(folder: str | Path) -> None:
+    """Raise a user error naming the file unless every file of the export matches ``manifest.json``."""
+    from .cache import file_fingerprint, file_record
+    folder = Path(folder).expanduser()
+    skip = "(task.verify_export=false, or load_adapted(..., verify=False), skips this check)"
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise ExportError(f"{folder}: no {MANIFEST_FILE}: not an export of this version, or a copy without its "
+                          f"checksums; export the run again {skip}")
+    try:
+        manifest = json.loads(path.read_text())
+        files = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{path}: unreadable export manifest ({type(e).__name__}) {skip}") from None
+    for name in (CONFIG_FILE, TENSORS_FILE):
+        if name not in files:
+            raise ExportError(f"{path}: does not list {name}: not the manifest of an export {skip}")
+    for name, want in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise ExportError(f"{p}: missing from the export (its manifest lists it) {skip}")
+        have = file_record(p)
+        if list(have) != list(want):
+            what = "size" if have[0] != want[0] else "checksum"
+            raise ExportError(f"{p}: changed since it was exported ({what} differs from {MANIFEST_FILE}): the "
+                              f"export is damaged or was edited; export the run again {skip}")
+    ref = manifest.get("weights")
+    if ref:
+        weights = Path(ref["path"])
+        if not weights.is_file():
+            raise ExportError(f"{weights}: the backbone weights this export references are missing (re-export with "
+                              f"task.copy_weights=true to keep a copy in the folder) {skip}")
+        if file_fingerprint(weights) != ref.get("fingerprint"):
+            raise ExportError(f"{weights}: the backbone weights this export references changed since it was "
+                              f"exported {skip}")
+
+
+def read_export_config(folder: str | Path) -> dict:
+    """``adapted.json`` of an export folder, or a user error naming what is wrong."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: {'is a file, not' if folder.exists() else 'no such'} export folder (the output "
+                          "of `python -m residual_exp task=export`)")
+    from .results import read_json_object
+    path = folder / CONFIG_FILE
+    config = read_json_object(path, "export config", f"{folder}: no {CONFIG_FILE}: not an export folder (the output "
+                                                     "of `python -m residual_exp task=export`)", ExportError)
+    if config.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: export format {config.get('format')!r}, this version reads {EXPORT_FORMAT}")
+    return config
+
+
+def output_folder(out: Path, key: str = "out") -> Path:
+    """``out`` as a place for a new export: a new or empty folder, or an earlier export (replaced); anything
+    else (a file, a folder with other content, a folder that cannot be written) is refused before work."""
+    writable_dir(out, key)
+    if out.exists() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise UserError(f"{key}={out}: exists and is not an export folder (it holds other files); choose a new "
+                        "or empty folder")
+    return out

@@ -8,12 +8,14 @@ import textwrap
 from .catalog import SPEC_TYPES, method_order, option, option_choices, options, spec
 
 WIDTH = 100
-DEFAULTS = {"task": "train", "model": "tiny_clip", "dataset": "shapes_shape", "method": "residual_full",
-            "pca": "reference", "trainer": "default", "logger": "wandb"}      # conf/config.yaml's defaults list
 GROUPS = {   # group -> what it chooses (options come from the config search path)
     "model": "the backbone (conf/model/NAME.yaml: family, architecture, weights)",
     "dataset": "the target dataset (dataset.root=DIR points at the data)",
     "method": "how the frozen model is adapted",
+    "units": "which residual units a method reweights (units.layers, units.include, …; the method's file "
+             "picks its default)",
+    "rank": "how many principal components of each unit are kept (rank.evr, rank.k; the method's file picks "
+            "its default)",
     "pca": "where the per-unit PCA bases are fitted",
     "trainer": "the training protocol (epochs, early stopping, precision)",
     "logger": "where curves and λ histograms go",
@@ -25,6 +27,11 @@ EXAMPLES = [
     ("python -m residual_exp method=residual_fine dataset=shapes_color", "another method and dataset"),
     ("python -m residual_exp -m method=base,residual_coarse,residual_full", "a sweep (one job per method)"),
     ("python -m residual_exp +experiment=paper/clip_b_cifar10 dataset.root=/data", "a paper run"),
+    ("python -m residual_exp -m +experiment=ablation/rank trainer=fast", "an ablation sweep (then task=report "
+                                                                        "sweep_dir=…)"),
+    ("python -m residual_exp units=layers units.layers=[3,3] units.kinds=[head] rank=evr90", "layer-3 heads, 90% EVR"),
+    ("python -m residual_exp model=open_clip model.arch=ViT-B-16-SigLIP classifier=prototype",
+     "any open_clip tower (classifier=auto | text | prototype)"),
     ("python -m residual_exp task=plan +experiment=sweep/paper", "the cost of the paper's grid"),
     ("python -m residual_exp task=check_decomposition model=clip_b model.pretrained=null", "Σ units == feature?"),
     ("python -m residual_exp task=export run_dir=RUN", "a trained run as one adapted encoder"),
@@ -56,11 +63,17 @@ def _presets() -> list[str]:
                                                     f"{', '.join(sorted(datasets))})"))
     if sweeps:
         out.append(_line("sweep/<name>", "multirun grids (with -m): " + ", ".join(sweeps)))
+    ablations = options("experiment/ablation")
+    if ablations:
+        out.append(_line("ablation/<name>", "ablation grids on the chosen model × dataset (with -m; task=report "
+                                            "draws their figures): " + ", ".join(ablations)))
     return out
 
 
 def help_text() -> str:
     from .config import TASKS
+    defaults = option_choices("", "config")                       # conf/config.yaml's defaults list
+    defaults.update(option_choices("method", defaults["method"]))  # the default method's units and rank
     out = ["usage: python -m residual_exp [-m] [task=NAME] [GROUP=OPTION ...] [key=value ...] [+experiment=PRESET]",
            "",
            textwrap.fill("ResiDual (arXiv 2411.00246): decompose a vision transformer into its residual units, fit "
@@ -73,12 +86,12 @@ def help_text() -> str:
         names = method_order() if group == "method" else options(group)
         described = {n: _describe(group, n) for n in names}
         if not any(described.values()):                      # no specs: the options on one line
-            listed = " | ".join(n + ("*" if DEFAULTS.get(group) == n else "") for n in names)
+            listed = " | ".join(n + ("*" if defaults.get(group) == n else "") for n in names)
             out.append(_line(f"{group}:", f"{what}: {listed}", indent=2, width=20))
             continue
         out.append(f"  {group}: {what}")
         for name, text in described.items():
-            star = "*" if DEFAULTS.get(group) == name else " "
+            star = "*" if defaults.get(group) == name else " "
             out.append(_line(f"{star} {name}", text, indent=4, width=20))
     out += ["", "presets (+experiment=PRESET):"] + _presets()
     out += ["", "examples:"] + [f"  {cmd}\n      # {what}" for cmd, what in EXAMPLES]

@@ -147,6 +147,9 @@ def problems_of(overrides: Sequence[str]) -> list[str]:
                 return problems
             rest.remove(culprit)
             continue
+        from .config import run_name_problem       # before Hydra creates a folder named after it
+        line = run_name_problem(cfg)
+        problems += [line] if line and line not in problems else []
         if problems:
             token = SEARCHPATH.set(tuple(cfg.hydra.searchpath or ()))
             with open_dict(cfg):
@@ -154,7 +157,7 @@ def problems_of(overrides: Sequence[str]) -> list[str]:
             try:
                 validate(cfg)
             except ConfigError as e:
-                problems += e.problems
+                problems += [p for p in e.problems if p not in problems]
             finally:
                 SEARCHPATH.reset(token)
         return problems
@@ -188,3 +191,37 @@ def precheck(argv: Sequence[str]) -> list[str]:
     finally:
         GlobalHydra.instance().clear()
     return problems
+
+
+def output_dir_problem(argv: Sequence[str]) -> str | None:
+    """``key=…: …`` when the folder Hydra will create for this command (``hydra.run.dir``, or
+    ``hydra.sweep.dir`` with ``-m``) cannot be created or written: a file in its path, a read-only
+    location.  Hydra itself would fail there with a traceback, before any of our code runs."""
+    if any(a.startswith("-") and a not in _HYDRA_FLAGS for a in argv):
+        return None
+    multirun = any(a in _HYDRA_FLAGS for a in argv)
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        from hydra import compose, initialize_config_module
+        from hydra.core.global_hydra import GlobalHydra
+        from omegaconf import OmegaConf
+
+        from .config import CONF_MODULE, register_configs
+        register_configs()
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_module(CONF_MODULE, version_base="1.3"):
+                first = _variants([o for o in overrides if not o.lstrip("+~").startswith("hydra/")])[0]
+                cfg = compose("config", overrides=first, return_hydra_config=True)
+                key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+                folder = OmegaConf.select(cfg, key)
+        finally:
+            GlobalHydra.instance().clear()
+    except Exception:                    # anything else is for precheck / Hydra / validate to report
+        return None
+    from .errors import UserError, writable_dir
+    try:
+        writable_dir(str(folder), key)
+    except UserError as e:
+        return str(e)
+    return None

@@ -52,10 +52,21 @@ class Session:
         return cls(cfg, model_cfg, backbone, model_identity(model_cfg, cfg.seed), cache, device,
                    cfg.trainer.progress_bar if progress is None else bool(progress), batch_size)
 
+    @staticmethod
+    def data(ds_cfg, names) -> dict:
+        """``{name: dataset}`` of the splits ``names`` of ``ds_cfg`` (guarded:
+        :func:`~residual_exp.data.registry.build_split`), before any model exists — bad data is refused
+        before a backbone is built; :meth:`preprocess` then gives them the backbone's preprocessing."""
+        return {name: build_split(ds_cfg, name) for name in names}
+
+    def preprocess(self, splits: dict) -> dict:
+        for d in splits.values():
+            d.transform = self.backbone.transform
+        return splits
+
     def splits(self, ds_cfg, names) -> dict:
-        """``{name: dataset}`` of the splits ``names`` of ``ds_cfg`` under the backbone's preprocessing
-        (guarded: :func:`~residual_exp.data.registry.build_split`)."""
-        return {name: build_split(ds_cfg, name, self.backbone.transform) for name in names}
+        """``{name: dataset}`` of the splits ``names`` of ``ds_cfg`` under the backbone's preprocessing."""
+        return self.preprocess(self.data(ds_cfg, names))
 
     def split(self, ds_cfg, split: str, max_samples: int | None = None):
         """``(dataset, identity)`` of ``split``, uniformly subsampled to ``max_samples`` (seeded)."""

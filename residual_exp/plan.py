@@ -17,20 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import RUN_SPLITS, Protocol, Split
+from .errors import UserError
 
 BYTES = {"float16": 2, "float32": 4, "float64": 8}
 
 
-def split_sizes(spec, params: dict | None = None) -> dict[str, int]:
-    """``{train, val, test, reference}`` image counts of a dataset (its :class:`DatasetSpec` and
-    ``dataset.params``) under its protocol."""
+def split_sizes(spec, params: dict | None = None, name: str = "?") -> dict[str, int]:
+    """``{train, val, test, reference}`` image counts of dataset ``name`` (its :class:`DatasetSpec` and
+    ``dataset.params``) under its protocol; a :class:`UserError` when its spec states no sizes."""
     params = dict(params or {})
     if spec.protocol == Protocol.synthetic:
         return {s: int(params.get(f"n_{s}", 0)) for s in Split}
     sizes = dict(spec.sizes)
     if not sizes:
-        raise KeyError(f"no nominal sizes for this dataset ({spec.description or 'spec.sizes is empty'}): "
-                       f"task=plan needs spec.sizes in its config")
+        raise UserError(f"dataset={name}: task=plan has no nominal sizes for it ({spec.description or 'no description'}; "
+                        "its config's spec.sizes is empty): plan a grid of datasets whose sizes are known")
     if spec.protocol == Protocol.carve_val:
         val = round(spec.val_fraction * sizes["train"])
         out = {"train": sizes["train"] - val, "val": val, "test": sizes["test"]}
@@ -106,11 +107,11 @@ def plan_rows(cells: list[dict], tp: Throughput, cache_dir: Path, layout: str = 
         m = by_model.setdefault(c["model"], {"spec": c["model_spec"], "pairs": {}, "large": {}, "refs": {},
                                               "cells": 0, "jobs": [], "finetune": []})
         m["cells"] += 1
-        sizes = split_sizes(c["dataset_spec"], c.get("params"))
+        sizes = split_sizes(c["dataset_spec"], c.get("params"), c["dataset"])
         m["pairs"][c["dataset"]] = sizes
         m["large"][c["dataset"]] = c["dataset_spec"].large_images
         ref = c.get("reference") or c["dataset"]
-        ref_sizes = split_sizes(c["reference_spec"], c.get("reference_params")) if ref != c["dataset"] else sizes
+        ref_sizes = split_sizes(c["reference_spec"], c.get("reference_params"), ref) if ref != c["dataset"] else sizes
         n_ref = ref_sizes[c.get("reference_split") or "reference"]
         if c.get("reference_max"):
             n_ref = min(n_ref, int(c["reference_max"]))
@@ -123,8 +124,8 @@ def plan_rows(cells: list[dict], tp: Throughput, cache_dir: Path, layout: str = 
     rows = []
     for model, m in by_model.items():
         if None in (m["spec"].layers, m["spec"].heads, m["spec"].head_dim, m["spec"].output_dim):
-            raise KeyError(f"task=plan needs the shape of model {model!r}: its config's spec (layers, heads, "
-                           "head_dim, width, output_dim) is not filled in")
+            raise UserError(f"model={model}: task=plan needs its shape, and its config's spec (layers, heads, "
+                            "head_dim, width, output_dim) is not filled in")
         rate = lambda ds: tp.encode_rate(model, m["large"][ds])
         encodes = {s: sum(sz[s] for sz in m["pairs"].values()) for s in RUN_SPLITS}
         n_enc = sum(encodes.values())

@@ -22,6 +22,7 @@ import torch
 
 from .atomic import atomic_path, atomic_write_text
 from .catalog import ActsOn, needs_bases, spec_of
+from .errors import UserError
 from .tables import text_table
 
 log = logging.getLogger(__name__)
@@ -118,14 +119,53 @@ def _fmt(key: str, v) -> str:
     return "" if v is None else str(v)
 
 
+# --- flags: results that look fine and are not ----------------------------------------------------------
+BELOW_ZERO_SHOT_MARGIN = 0.02     # a trained method this far below zero-shot on val did not train
+
+
+def result_flags(rec: dict, num_classes: int | None = None, margin: float = BELOW_ZERO_SHOT_MARGIN) -> list[str]:
+    """Why a record should be checked before it is believed (``flags`` of results.json, the results table and
+    the report read them): a trained method below zero-shot on val, any accuracy at or below chance
+    (1 / ``num_classes``), an LR finder pick that was not used.  Empty when nothing is suspicious."""
+    flags = []
+    val, zs_val = rec.get("val_accuracy"), rec.get("zero_shot_val_accuracy")
+    if rec.get("method") != "base" and _num(val) and _num(zs_val) and val < zs_val - margin:
+        flags.append(f"below zero-shot: val {val:.4f} < zero-shot {zs_val:.4f} (best epoch {rec.get('best_epoch')} of "
+                     f"{rec.get('epochs')}); check method.lr, method.init and trainer.max_epochs")
+    if num_classes and num_classes > 1:
+        chance = 1.0 / num_classes
+        for key, what in (("test_accuracy", "test"), ("zero_shot_test_accuracy", "zero-shot test")):
+            acc = rec.get(key)
+            if (key == "zero_shot_test_accuracy") != (rec.get("method") == "base"):
+                continue                          # zero-shot said once, on the base record (whose test is zero-shot)
+            if _num(acc) and acc <= chance:
+                flags.append(f"at or below chance: {what} {acc:.4f} ≤ 1/{num_classes} = {chance:.4f}; "
+                             + ("the frozen model does not separate these classes (check the class names and "
+                                "prompts)" if what.startswith("zero") else "the method did not learn"))
+    kept = (rec.get("lr_finder") or {}).get("kept_preset")
+    if kept:
+        flags.append(f"LR finder not used: {kept}")
+    return flags
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 _TABLE = [("model", "model"), ("dataset", "dataset"), ("method", "method"), ("params", "trainable_params"),
           ("zero-shot test", "zero_shot_test_accuracy"), ("val", "val_accuracy"), ("test", "test_accuracy"),
           ("seconds", "wall_seconds")]
 
 
 def results_table(records: list[dict]) -> str:
-    """The aligned console table of a job's records."""
-    return text_table(records, [k for _, k in _TABLE], [h for h, _ in _TABLE], fmt=_fmt, right_from=3)
+    """The aligned console table of a job's records; a flagged record (:func:`result_flags`) is marked ``!``
+    in a last column and its reasons follow the table."""
+    flagged = [r for r in records if r.get("flags")]
+    rows = [dict(r, _check="!" if r.get("flags") else "") for r in records] if flagged else records
+    cols = _TABLE + ([("check", "_check")] if flagged else [])
+    table = text_table(rows, [k for _, k in cols], [h for h, _ in cols], fmt=_fmt, right_from=3)
+    notes = [f"! {r.get('method')} ({r.get('model')}, {r.get('dataset')}): {f}" for r in flagged for f in r["flags"]]
+    return "\n".join([table, *notes])
 
 
 # --- history.csv ----------------------------------------------------------------------------
@@ -170,18 +210,26 @@ def write_run_config(config: dict, run_dir: Path) -> Path:
     return path
 
 
-def read_run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / RUN_CONFIG_FILE
+def read_json_object(path: Path, what: str, missing: str, error: type = None) -> dict:
+    """The JSON object in ``path``, or ``error`` (default :class:`ResultsFileError`, a user error) saying
+    ``missing`` when there is no such file, or that it is not a readable ``what``."""
+    error = error or ResultsFileError
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {RUN_CONFIG_FILE} (a run dir of `python -m residual_exp` "
-                                "task=train holds it)")
+        raise error(missing)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ResultsFileError(f"{path}: unreadable run config ({type(e).__name__}: {e})") from e
+        raise error(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
-        raise ResultsFileError(f"{path}: not a config object")
+        raise error(f"{path}: not a {what} (a JSON {type(data).__name__}, not an object)")
     return data
+
+
+def read_run_config(run_dir: Path) -> dict:
+    return read_json_object(Path(run_dir) / RUN_CONFIG_FILE, "run config",
+                            f"{run_dir}: not a run folder (no {RUN_CONFIG_FILE}; a run dir of "
+                            "`python -m residual_exp` task=train holds it)")
 
 
 def write_classes(classnames, templates, run_dir: Path) -> Path:
@@ -261,3 +309,41 @@ def load_lambda(path: Path) -> TrainedLambda:
     mask = tensors.get("mask")
     return TrainedLambda(meta.get("method", "?"), units, lam, mask.bool() if mask is not None else None,
                          tensors, meta)
+
+
+def trained_dir(run_dir: Path) -> Path:
+    """Where the run's checkpoint lives (a resumed run points at the run that computed it)."""
+    if (run_dir / "checkpoints" / "best.ckpt").is_file():
+        return run_dir
+    resumed = run_dir / "resumed.json"
+    if resumed.is_file():
+        origin = Path(json.loads(resumed.read_text()).get("from_run_dir") or "")
+        if (origin / "checkpoints" / "best.ckpt").is_file():
+            return origin
+    raise UserError(f"run_dir={str(run_dir)!r}: no checkpoints/best.ckpt (and no resumed.json pointing at a "
+                    "run that has one): export needs a run of task=train with a trained method")
+
+
+def read_training_run(run_dir: Path) -> tuple[dict, dict, dict]:
+    """``(config, classes, the method's record)`` of a ``task=train`` run folder, or a user error saying
+    why the folder is not one (empty, another task's, a run that failed before writing its results)."""
+    what = f"run_dir={run_dir}"
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{what}: not a run folder of task=train (no config.json; a training run writes "
+                        "config.json, classes.json and results.json)")
+    try:
+        conf = read_run_config(run_dir)
+        method = conf["method"]["name"]
+        for key in ("model", "dataset", "conventions", "cache", "seed"):
+            conf[key]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{what}: config.json is not the config of a training run (no {e})") from None
+    if conf.get("task", {}).get("name", "train") != "train":
+        raise UserError(f"{what}: a run of task={conf['task']['name']}, not a training run")
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"{what}: no results.json: the run did not finish (train it again, or export another run)")
+    records = read_results(run_dir / "results.json")
+    rec = next((r for r in records if r.get("method") == method), None)
+    if rec is None:
+        raise UserError(f"{what}: results.json has no record of its method {method}")
+    return conf, read_classes(run_dir), rec

@@ -55,6 +55,7 @@ are written to every fresh run dir as ``result_key.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -114,9 +115,19 @@ def resume_spec(cfg: DictConfig) -> dict:
         if isinstance(node, dict) and isinstance(node.get(leaf), str):
             node[leaf] = str(Path(node[leaf]).expanduser().resolve())
     spec["_model"] = model_identity(cfg.model, cfg.seed)
+    data = _data_identity(cfg.dataset)
+    if data is not None:                       # a user's folder: what it holds, not only where it is
+        spec["_data"] = data
     spec["_format"] = RESULTS_FORMAT
     spec["_version"] = _version()
     return spec
+
+
+def _data_identity(ds_cfg) -> str | None:
+    """The identity of a dataset whose content is the user's (``image_folder``: a fingerprint of the
+    folder), None for the others (their key stays what it was)."""
+    from .data.registry import data_label, spec_function
+    return data_label(ds_cfg) if spec_function(ds_cfg, "identity") is not None else None
 
 
 def _version() -> str:
@@ -286,16 +297,64 @@ def resumable(task: Callable[[DictConfig], int]) -> Callable[[DictConfig], int]:
         atomic_write_text(run_dir / "result_key.json", json.dumps({"key": key, "spec": spec}, indent=1,
                                                                   default=str))
         code = 1
-        try:
-            code = int(task(cfg) or 0)
-        finally:
-            finish_stray_wandb(code)
+        with interrupts() as stop:
+            try:
+                code = int(task(cfg) or 0)
+            finally:
+                finish_stray_wandb(code if not stop.signum else 1)
+        if stop.signum:                           # a signal that a library turned into a normal return
+            raise JobInterrupted(stop.signum)
         if code == 0:
             _store_result(store, key, spec, run_dir, method)
         return code
     wrapped.__name__ = getattr(task, "__name__", "task")
     wrapped.__doc__ = task.__doc__
     return wrapped
+
+
+class JobInterrupted(SystemExit):
+    """The job received SIGINT / SIGTERM (Ctrl-C, ``kill``, a launcher's time limit): it stops with exit status
+    128 + signal number and stores no result, whatever the training library made of the signal (Lightning
+    turns SIGTERM into a ``SystemExit`` with status 0 and Ctrl-C into a graceful stop)."""
+
+    def __init__(self, signum: int):
+        import signal
+        self.signum = int(signum)
+        super().__init__(128 + self.signum)
+        self.name = signal.Signals(self.signum).name
+
+
+class _Stop:
+    signum: int = 0
+
+
+@contextlib.contextmanager
+def interrupts():
+    """While a job runs: SIGINT and SIGTERM are remembered and raise :class:`JobInterrupted` (after any
+    handler already installed has run), so an interrupted job never returns as finished."""
+    import signal
+    import threading
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():   # handlers can only be set there
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        first = not stop.signum
+        stop.signum = stop.signum or signum
+        if first:
+            log.warning("received %s: stopping the job; no result is stored (a rerun computes it again)",
+                        signal.Signals(signum).name)
+        raise JobInterrupted(stop.signum)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def job_config(cfg: DictConfig) -> dict:

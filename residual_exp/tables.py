@@ -68,13 +68,31 @@ def text_table(rows: Sequence[Mapping], columns: Sequence[str], headers: Sequenc
     return "\n".join([line(body[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in body[1:]])
 
 
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")    # a spreadsheet reads such a cell as a formula
+
+
+def csv_cell(v):
+    """A value as a CSV cell: text that a spreadsheet would run as a formula (a class or file name
+    starting with ``=``, ``+``, ``-``, ``@``) gets a leading ``'``; a float that is exactly a float32
+    (an accuracy from a float32 metric) is written at float32 precision (0.395, not 0.39500001072883606);
+    other values as they are."""
+    if isinstance(v, str):
+        return "'" + v if v.startswith(FORMULA_PREFIXES) else v
+    if isinstance(v, (float, np.floating)) and not isinstance(v, bool):
+        v = float(v)
+        if math.isfinite(v) and float(np.float32(v)) == v:
+            return repr(float(str(np.float32(v))))
+        return v
+    return v
+
+
 def csv_text(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
     cols = list(columns or columns_of(rows))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=[csv_cell(c) for c in cols], extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({c: r.get(c, "") for c in cols})
+        w.writerow({csv_cell(c): csv_cell(r.get(c, "")) for c in cols})
     return buf.getvalue()
 
 

@@ -21,7 +21,7 @@ import math
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -32,6 +32,7 @@ from .errors import ConfigError, JobFailed
 
 __all__ = ["ConfigError", "JobFailed", "validate", "fmt", "one_of", "group_options"]
 _ABSENT = object()
+EMPTY_FILE = "empty file (0 bytes): give the path of a saved checkpoint"
 
 
 # --- the walk ---------------------------------------------------------------------------------------------
@@ -81,6 +82,11 @@ class _Walk:
             v = self.get(path)
             if v is not _ABSENT and v is not None and not isinstance(v, DictConfig):
                 self.bad(path, v, "must be a dict (key: value, …)")
+            elif isinstance(v, DictConfig) and rules.get("schema_at"):     # a schema the node's spec names
+                named = self.get(f"{path.rpartition('.')[0]}.{rules['schema_at']}".lstrip("."))
+                if isinstance(named, str) and named:
+                    from .catalog import load
+                    self.node(load(named), path + ".", raw if isinstance(raw, dict) else {})
             return
         inner, optional = sub_type(hint)
         if path in NAMED_NODES:
@@ -127,8 +133,8 @@ class _Walk:
                 self.item(f"{path}[{i}]", x, item, dict(rules.get("item") or {}))
             return
         what = self.problem(v, inner, rules, optional)
-        if what:
-            self.bad(path, v, rules.get("what") or what)
+        if what:                             # a rule's own wording replaces the generic one
+            self.bad(path, v, what if what == EMPTY_FILE else rules.get("what") or what)
 
     def item(self, path: str, x, hint, rules: dict) -> None:
         if rules.get("entry") and isinstance(x, DictConfig):
@@ -164,9 +170,13 @@ class _Walk:
                 return one_of(rules["choices"])
             if "options" in rules and v not in self.options(rules):
                 return f"not a {rules['options'].removeprefix('group:')} config; {one_of(self.options(rules))}"
-            p = rules.get("path")
-            if p and not (Path(v).expanduser().is_dir() if p == "dir" else Path(v).expanduser().is_file()):
+            p, where = rules.get("path"), Path(v).expanduser()
+            if p == "folder" and where.exists() and not where.is_dir():
+                return "is a file, not a folder"
+            if p and p != "folder" and not (where.is_dir() if p == "dir" else where.is_file()):
                 return f"no such {'directory' if p == 'dir' else 'file'}"
+            if p == "checkpoint" and where.stat().st_size == 0:
+                return EMPTY_FILE
         return None
 
     def unknown(self, path: str, value, fields: list[str], prefix: str) -> None:

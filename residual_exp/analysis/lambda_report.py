@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from ..config import ConventionsConfig, DatasetConfig, MethodConfig, ModelConfig, PCAConfig
 from ..methods import build_adapter, prune_rule
-from ..results import TrainedLambda, load_lambda, read_run_config
+from ..results import ResultsFileError, TrainedLambda, load_lambda, read_run_config
 from ..tables import write_table
 from . import text_spans as ts
 from .plots import plot_lambda_gains
@@ -30,18 +30,24 @@ def load_run(run_dir: Path):
     """``(TrainedLambda, run config)`` of a ``task=train`` run dir (its λ file and config.json;
     the config holds the run's model, dataset, pca, method nodes and seed)."""
     conf = read_run_config(run_dir)
+    if conf.get("task", {}).get("name", "train") != "train":
+        raise ResultsFileError(f"analysis.run_dir={run_dir}: a run of task={conf['task']['name']}, not a training run")
     schemas = {"model": ModelConfig, "dataset": DatasetConfig, "pca": PCAConfig, "method": MethodConfig,
                "conventions": ConventionsConfig}
     missing = [k for k in schemas if k not in conf]
     if missing:
-        raise ValueError(f"{run_dir}/config.json lacks {missing}: not the config of a task=train run")
+        raise ResultsFileError(f"analysis.run_dir={run_dir}: its config.json lacks {missing}: not the config of a "
+                               "task=train run")
     known = lambda schema, d: {k: v for k, v in d.items() if k in schema.__dataclass_fields__}   # older configs too
     run = OmegaConf.create({k: OmegaConf.merge(OmegaConf.structured(v), known(v, conf[k])) for k, v in schemas.items()})
     method = conf["method"]          # runs before the rank group kept evr / k in the method node
     run.rank = conf.get("rank") or {"name": "legacy", "evr": method.get("evr"), "k": method.get("k")}
     run.seed = int(conf.get("seed", 0))
     run.compat = str(conf.get("compat", "none"))
-    return load_lambda(run_dir), run
+    try:
+        return load_lambda(run_dir), run
+    except FileNotFoundError as e:
+        raise ResultsFileError(f"analysis.run_dir={run_dir}: {e}") from None
 
 
 def run_report(trained: TrainedLambda, run, session, unit_basis, output_basis, atoms, texts, out: Path,

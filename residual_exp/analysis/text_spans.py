@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..spectral import PCABasis
 
 __all__ = ["ATTRIBUTE_WORDS", "default_dictionary", "load_dictionary", "filter_known", "encode_texts",
@@ -111,10 +112,15 @@ def load_dictionary(path: str | Path) -> list[str]:
     """One description per line; blank lines and lines starting with ``#`` are skipped."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"analysis.dictionary={str(path)!r}: no such file (one description per line)")
-    texts = _dedupe(line for line in p.read_text().splitlines() if not line.lstrip().startswith("#"))
-    if not texts:
-        raise ValueError(f"dictionary file {p} holds no description")
+        raise UserError(f"analysis.dictionary={path}: no such file (one description per line)")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"analysis.dictionary={path}: not a readable text file ({type(e).__name__})") from None
+    texts = _dedupe(line for line in lines if not line.lstrip().startswith("#"))
+    if len(texts) < 2:
+        raise UserError(f"analysis.dictionary={path}: holds {len(texts)} description{'' if len(texts) == 1 else 's'} "
+                        "(blank lines and # comments are skipped); a dictionary needs at least 2, one per line")
     return texts
 
 

@@ -240,11 +240,11 @@ def create_blip(arch: str, pretrained: str | None = None, weights: str | None = 
             from .timm_backbone import load_state_dict_file
             src = check_local_file(weights, "model.weights")
             model = BlipForImageTextRetrieval(blip_config(arch, None, params))  # checkpoint's own size
-            missing, unexpected = model.load_state_dict(load_state_dict_file(src), strict=False)
-            if missing or unexpected:
-                raise KeyError(f"weights {src} do not match the BLIP preset {arch} (+ params): missing "
-                               f"{missing[:8]}, unexpected {unexpected[:8]} (a state dict of this "
-                               "transformers version's BlipForImageTextRetrieval, or a save_pretrained directory)")
+            from .weights import check_fits
+            state = load_state_dict_file(src)
+            check_fits(model, state, src, f"the BLIP preset {arch} (a state dict of this transformers version's "
+                                          "BlipForImageTextRetrieval, or a save_pretrained directory)")
+            model.load_state_dict(state, strict=True)
     elif pretrained:
         try:
             model = BlipForImageTextRetrieval.from_pretrained(pretrained, cache_dir=cache_dir)

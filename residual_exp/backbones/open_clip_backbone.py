@@ -31,8 +31,6 @@ trains with ``classifier=prototype`` offline; text needed offline fails in one l
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -356,7 +354,10 @@ def create_open_clip(arch: str, pretrained: str | None, weights: str | None, ima
     try:
         model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
     except Exception as e:  # hub download failures surface as many exception types
-        if source is None or weights:
+        if weights:             # a local file that is not the weights of this architecture: say why
+            from .weights import diagnose
+            raise diagnose(weights, e, f"open_clip {arch}") from None
+        if source is None:
             raise
         raise WeightsUnavailable(
             f"could not load open_clip weights {arch}/{pretrained}: {type(e).__name__}: {e}\n"

@@ -106,7 +106,7 @@ from ..decompose.readout import Lens, lens_from, norm_kind
 from ..decompose.references import timm_reference
 from ..decompose.stack import cls_heads_pre_hook, cls_input_pre_hook, layer_scale
 from .base import Backbone, UnknownArchitecture, UnsupportedArchitecture, register_backbone
-from .weights import WeightsUnavailable, check_local_file, offline_hint
+from .weights import HF_WEIGHT_FILES, WeightsUnavailable, check_local_file, offline_hint
 
 log = logging.getLogger(__name__)
 
@@ -448,17 +448,8 @@ class TimmBackbone(Backbone):
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch pickle (``.pt/.pth/.bin``), unwrapped
     from a ``{"state_dict": …}`` / ``{"model": …}`` checkpoint if needed."""
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(p))
-    sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{p}: expected a state dict (name → tensor), got {type(sd).__name__}")
-    return sd
+    from .weights import load_weights_file
+    return load_weights_file(path)
 
 
 def is_hf_vit_state_dict(sd: dict) -> bool:
@@ -532,7 +523,7 @@ def _hf_hub_vit(repo: str, cache_dir: str | None) -> tuple[dict[str, torch.Tenso
     except Exception as e:  # offline, missing repo, …
         raise WeightsUnavailable(f"could not fetch {repo}/config.json: {type(e).__name__}: {e}\n{hint}") from e
     errors = []
-    for fname in ("model.safetensors", "pytorch_model.bin"):
+    for fname in HF_WEIGHT_FILES:
         try:
             return load_state_dict_file(hf_hub_download(repo, fname, cache_dir=cache_dir)), config
         except Exception as e:
@@ -620,12 +611,7 @@ def create_timm(arch: str, pretrained: str | None = None, weights: str | None = 
     if state_dict is not None:
         if getattr(model, "num_classes", 0) == 0:                 # the checkpoint's classifier is not used
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-        state_dict = _checkpoint_filter(kind)(state_dict, model)  # pos-embed resampling, foreign formats
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise KeyError(f"weights {source} do not match timm {arch}{kwargs and f' {kwargs}' or ''}: "
-                           f"missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
-                           f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}")
+        _load_checked(model, state_dict, kind, source, f"timm {arch}")
     return model.eval()
 
 
@@ -637,6 +623,20 @@ def input_grid(model: nn.Module) -> tuple[int, int]:
     size = getattr(pe, "img_size", None) or getattr(pe, "default_img_size", None) or \
         (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
     return first(size), first(pe.patch_size)
+
+
+def _load_checked(model: nn.Module, state_dict: dict, kind, source, what: str) -> None:
+    """Load ``state_dict`` into ``model`` (after timm's checkpoint filter: pos-embed resampling,
+    foreign formats); a file of another architecture raises :class:`~.weights.BadWeightsFile`
+    naming it and what does not fit."""
+    from .weights import BadWeightsFile, check_fits, load_error_reason
+    key = "model.weights" if Path(str(source)).expanduser().exists() else "model.pretrained"
+    try:
+        state_dict = _checkpoint_filter(kind)(state_dict, model)
+    except Exception as e:          # the filter indexes the checkpoint by this architecture's names
+        raise BadWeightsFile(source, load_error_reason(what, e), key) from None
+    check_fits(model, state_dict, source, what, key)
+    model.load_state_dict(state_dict, strict=True)
 
 
 def timm_transform(model: nn.Module, image_size: int, overrides: dict | None = None):

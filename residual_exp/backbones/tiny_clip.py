@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..decompose.references import open_clip_reference
 from .base import register_backbone
@@ -109,18 +108,26 @@ def create_tiny_clip(state_path: str | os.PathLike | None = None):
         root.setLevel(level)
     vocab = default_vocab()
     if state_path is not None:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        state = load_file(str(state_path))
-        with safe_open(str(state_path), "pt") as f:
-            meta = f.metadata() or {}
-        if "vocab" in meta:
-            vocab = json.loads(meta["vocab"])
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        from .weights import check_fits, load_weights_file
+        state = {k: v.float() for k, v in load_weights_file(state_path).items()}
+        check_fits(model, state, state_path, "the tiny CLIP (model.family=tiny_clip)")
+        vocab = _vocab_of(state_path) or vocab
+        model.load_state_dict(state, strict=True)
     model.eval()
     tcfg = cfg["text_cfg"]
     tokenizer = WordTokenizer(vocab, tcfg["vocab_size"], tcfg["context_length"])
     return model, transform, tokenizer
+
+
+def _vocab_of(path) -> list[str] | None:
+    """The word list a safetensors checkpoint carries in its metadata (None: the default vocabulary)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:            # a torch checkpoint: no metadata
+        return None
+    return json.loads(meta["vocab"]) if "vocab" in meta else None
 
 
 def save_tiny_clip(model, tokenizer: WordTokenizer, path: str | os.PathLike, meta: dict) -> None:

@@ -6,13 +6,17 @@ them; nothing else spells a range.  Keys of a rule (all optional):
 
 ``ge gt le lt``   numeric bounds (also on every item of a list with ``item=``)
 ``min_len``       a list needs at least that many items
-``path``          ``"dir"`` / ``"file"``: a non-null value must name an existing one
+``path``          ``"dir"`` / ``"file"``: a non-null value must name an existing one; ``"checkpoint"``:
+                  an existing, non-empty file; ``"folder"``: a folder, or a path not there yet (created)
+                  — not a file
 ``options``       an open set a string must belong to: ``"group:<name>"`` (a config group's
                   options, e.g. ``group:model``) or ``"families"`` (registered backbone families)
 ``choices``       a fixed tuple of strings (for values that cannot be an enum, e.g. Lightning's
                   ``32-true``)
 ``item``          a dict of these keys applied to every item of a list
 ``free``          ``True``: a free dict (anything goes inside: ``params``)
+``schema_at``     with ``free``: the sibling key (e.g. ``spec.params``) that may name, as an import
+                  path, a schema the dict is checked against (a dataset's own ``params``)
 ``entry``         ``"model"`` / ``"dataset"``: a list item may also be a dict ``{name: NAME, label: …,
                   <keys of that group's schema>}`` (the analyses' ``models`` / ``datasets``)
 ``what``          the wording of the requirement, replacing the generated one
@@ -30,7 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 RULE_KEYS = frozenset({"ge", "gt", "le", "lt", "min_len", "path", "options", "choices", "item", "free", "what",
-                       "entry"})
+                       "entry", "schema_at"})
 
 
 def rule(default: Any = dataclasses.MISSING, *, factory=None, **rules) -> Any:

@@ -33,6 +33,9 @@ class DatasetSpec:
     description: str = ""
     builder: str = MISSING             # import path of ``builder(dataset_cfg, split, transform) -> ClassificationSplit``
     labels: Optional[str] = None       # import path of ``labels(dataset_cfg, split)`` (no image decoded), if cheaper
+    identity: Optional[str] = None     # import path of ``identity(dataset_cfg) -> str``: its name in results if not NAME
+    splits_dir: Optional[str] = None   # import path of ``splits_dir(dataset_cfg) -> Path``: where carved splits go
+    params: Optional[str] = None       # import path of the schema ``dataset.params`` is checked against (null: free)
     protocol: Protocol = Protocol.carve_val
     sizes: Dict[str, int] = field(default_factory=dict)   # official split sizes (train/test, all, or train/val/test)
     val_fraction: float = rule(0.0, ge=0, lt=1)            # carve_val / three_way: share carved for val
@@ -205,14 +208,14 @@ def spec_of(group: str, node):
 
 def option_choices(group: str, name: str) -> dict[str, str]:
     """The other groups' options that ``group=name`` chooses in its defaults list (e.g. a method's
-    ``units`` and ``rank``)."""
-    result = _repository().load_config(f"{group}/{name}")
+    ``units`` and ``rank``; ``group=""``: the primary config ``name``'s, i.e. the command line's defaults)."""
+    result = _repository().load_config(f"{group}/{name}" if group else name)      # "": the primary config
     return {d.group.lstrip("/"): str(d.value) for d in (result.defaults_list or []) if hasattr(d, "group")}
 
 
 def option(group: str, name: str):
     """The raw node of ``group=name`` as its file declares it (unresolved, no defaults merged)."""
-    result = _repository().load_config(f"{group}/{name}")
+    result = _repository().load_config(f"{group}/{name}" if group else name)      # "": the primary config
     if result is None:
         raise KeyError(f"{group}={name}: no such config; options: {', '.join(options(group))}")
     return result.config

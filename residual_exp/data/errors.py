@@ -170,6 +170,17 @@ class DatasetNotFound(DatasetError, FileNotFoundError):
     def __str__(self) -> str:  # FileNotFoundError would prefix "[Errno ...]" otherwise
         return self.args[0]
 
+    @property
+    def problems(self) -> list[str]:
+        """The one line ``python -m residual_exp`` prints (``str(e)`` keeps the layout and how to get
+        the data, which ``task=inspect_data`` prints in full)."""
+        first = str(self.args[0]).splitlines()[0].rstrip(". ")
+        missing = ""
+        if self.missing:
+            missing = f"; missing {', '.join(self.missing[:3])}{', …' if len(self.missing) > 3 else ''}"
+        return [f"{first}{missing}; `python -m residual_exp task=inspect_data dataset={self.name} "
+                f"dataset.root={self.root}` prints the expected layout and how to get it"]
+
 
 def _indent(text: str, pad: str = "  ") -> str:
     return "\n".join(pad + line for line in text.strip("\n").splitlines())

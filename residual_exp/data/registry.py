@@ -70,6 +70,8 @@ class ClassificationSplit(Dataset):
         self.root = str(root) if root is not None else None
         self.skipped = list(skipped)
         self.content_hash = bool(content_hash)
+        self.label: str | None = None      # the dataset's identity in results when not its name (image_folder)
+        self.record: dict | None = None    # what results record about how the data was split (image_folder)
         self._fingerprint: dict | None = None
         self._entries: list | None = None
         if self.indices is not None and len(self.indices) != len(self.targets):
@@ -145,12 +147,19 @@ class ClassificationSplit(Dataset):
                                   content_hash=self.content_hash)
         if self._entries is not None:
             out._entries = [self._entries[k] for k in keep]
+        out.label, out.record = self.label, self.record
         return out
 
 
 def builder_of(cfg) -> Callable[..., ClassificationSplit]:
     """The builder ``cfg.spec.builder`` names."""
     return load(spec_of("dataset", cfg).builder)
+
+
+def spec_function(cfg, key: str) -> Callable | None:
+    """The function a dataset's spec names under ``key`` (an import path: ``identity``, ``splits_dir``), or None."""
+    path = spec_of("dataset", cfg).get(key)
+    return load(path) if path else None
 
 
 def _opt(cfg, key: str, default=None):
@@ -173,8 +182,18 @@ def scan_cache_dir(cfg) -> Path | None:
     root = _root(cfg)
     if root is None:
         return None
+    own = spec_function(cfg, "splits_dir")
+    if own is not None:                # a user's folder: with the project's outputs, not in the data
+        return own(cfg)
     params = _opt(cfg, "params", {}) or {}
     return split_path(root, "_", params.get("splits_dir")).parent
+
+
+def data_label(cfg) -> str:
+    """The dataset's name in results: its config name, or what its spec's ``identity`` says (a
+    user's folder: ``image_folder:<name>-<hash>``, so that different folders never merge)."""
+    own = spec_function(cfg, "identity")
+    return own(cfg) if own is not None else str(cfg.name)
 
 
 def _train_labels(cfg) -> list[int] | None:

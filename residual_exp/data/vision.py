@@ -1,7 +1,7 @@
-"""The paper's ten datasets, the ImageNet reference set and ``image_folder``.
+"""The paper's ten datasets and the ImageNet reference set (``image_folder``: :mod:`.image_folder`).
 
 ``dataset=NAME`` with NAME in ``cifar10 cifar100 dtd eurosat gtsrb mnist resisc45
-stanford_cars sun397 svhn imagenet image_folder``; ``dataset.root`` points at the data.
+stanford_cars sun397 svhn imagenet``; ``dataset.root`` points at the data.
 
 Every dataset is one :class:`Loader` row — how to open an official split from disk (mostly a
 torchvision dataset class), the expected layout under ``root``, how to get the data — and its
@@ -24,7 +24,7 @@ naming the dataset, the root, the layout expected under it and how to obtain the
 before anything is written.
 
 Datasets of individual image files (ImageNet, EuroSAT, RESISC45, SUN397, DTD, GTSRB,
-Stanford Cars, image_folder) are read through our own guarded loader
+Stanford Cars, and image_folder's) are read through our own guarded loader
 (:func:`.integrity.decode_image`: an undecodable file raises
 :class:`~.errors.BadImageError` naming it); torchvision only lists their files and labels.
 Every split records where its items come from (``provenance``) for its data fingerprint.
@@ -40,17 +40,16 @@ from typing import Callable, Mapping, Sequence
 
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from . import metadata as md
-from .errors import ClassesMissingFromTrainError, DatasetError, DatasetNotFound, _indent
+from .errors import DatasetNotFound
 from .integrity import FileItems, SourceFiles, decode_image
 from ..catalog import Protocol, Split, spec_of
 from .registry import ClassificationSplit
 from .splits import load_or_create, split_path
 
-__all__ = ["DatasetNotFound", "Source", "Loader", "LOADERS", "build", "build_image_folder",
-           "check_available", "clear_cache", "official_split"]
+__all__ = ["DatasetNotFound", "Source", "Loader", "LOADERS", "build", "check_available", "clear_cache",
+           "official_split"]
 
 
 # ----------------------------------------------------------------------------- sources
@@ -472,64 +471,4 @@ def build(cfg, split: str, transform=None) -> ClassificationSplit:
     parts = load_or_create(_split_file(cfg, cfg.name), dataset=cfg.name,
                            targets=canon_targets, fractions=fractions)
     return _make(cfg.name, split, src, parts[Split.train if split == Split.reference else split],
-                 templates, transform, root)
-
-
-# ------------------------------------------------------------------------ image_folder
-
-IMAGE_FOLDER_LAYOUT = ("train/<class>/*.jpg|png|...\ntest/<class>/*.jpg|png|...\n"
-                       "val/<class>/*   (optional; without it val is carved from train)")
-IMAGE_FOLDER_HOW = ("Point dataset.root at a folder holding one sub-folder per split and, "
-                    "inside, one sub-folder per class (the folder name is the class name; "
-                    "underscores read as spaces). Without val/, val is carved from train "
-                    "(stratified, seed 42, dataset.params.val_fraction, default 0.1) and "
-                    "stored in root/.residual_exp_splits/image_folder.json. Prompt templates: "
-                    "dataset.params.templates (a list with one {} each).")
-
-
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def build_image_folder(cfg, split: str, transform=None) -> ClassificationSplit:
-    root = Path(str(cfg.root)).expanduser().absolute()
-    params = _params(cfg)
-    has_val = (root / "val").is_dir()
-    official = {"reference": "train"}.get(split, split)
-    if official == "val" and not has_val:
-        official = "train"
-    needed = ["train"] + ([official] if official != "train" else [])
-    missing = [d + "/" for d in needed if not (root / d).is_dir()]
-    if missing:
-        raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW, missing)
-
-    classes = _class_dirs(root / "train")                 # the class list of every split
-    if not classes:
-        raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW,
-                              problem=f"dataset 'image_folder': {root / 'train'} has no class "
-                                      f"folders")
-    extra = sorted(set(_class_dirs(root / official)) - set(classes))
-    if extra:                                             # classes train/ cannot know
-        counts = {k: len(make_dataset(str(root / official), {c: 0},
-                                      extensions=IMG_EXTENSIONS, allow_empty=True))
-                  for k, c in enumerate(extra)}
-        raise ClassesMissingFromTrainError.build(
-            "image_folder", split, [md.clean_classname(c) for c in extra], counts, root,
-            hint=f"{root / official} has class folders that {root / 'train'} lacks "
-                 f"({', '.join(extra)}); add them to train/ or remove them from {official}/")
-    samples = make_dataset(str(root / official), {c: i for i, c in enumerate(classes)},
-                           extensions=IMG_EXTENSIONS, allow_empty=True)
-    if not samples:
-        raise DatasetNotFound("image_folder", root, IMAGE_FOLDER_LAYOUT, IMAGE_FOLDER_HOW,
-                              problem=f"dataset 'image_folder': no images under {root / official}")
-    src = _files("image_folder", [p for p, _ in samples], [t for _, t in samples],
-                 md.clean_classnames(classes))
-    templates = list(params.get("templates") or md.TEMPLATES["image_folder"])
-
-    if split == "test" or has_val:            # read a folder as is
-        return _make("image_folder", split, src, None, templates, transform, root)
-    parts = load_or_create(_split_file(cfg, "image_folder"), dataset="image_folder",
-                           targets=src.labels,
-                           fractions={"val": float(params.get("val_fraction", 0.1))})
-    return _make("image_folder", split, src, parts["train" if split == "reference" else split],
                  templates, transform, root)

@@ -7,11 +7,12 @@ adapter class and one YAML file: nothing here lists the methods.
 from __future__ import annotations
 
 from ..catalog import load, needs_bases, spec_of
-from .adapters import HeadScaling, LinearAdapter, OutputSpectral, SpectralReweighting, ZeroShot, init_lambda, prune_rule
+from .adapters import (HeadScaling, LinearAdapter, OutputSpectral, SpectralReweighting, ZeroShot, init_lambda,
+                       prune_rule, warn_k_clamped)
 from .base import Adapter, Context
 
 __all__ = ["Adapter", "Context", "ZeroShot", "LinearAdapter", "OutputSpectral", "SpectralReweighting", "HeadScaling",
-           "adapter_class", "build_adapter", "init_lambda", "needs_bases", "prune_rule"]
+           "adapter_class", "build_adapter", "init_lambda", "needs_bases", "prune_rule", "warn_k_clamped"]
 
 
 def adapter_class(method_cfg) -> type[Adapter]:

@@ -58,6 +58,17 @@ def init_lambda(n: int, how: str, eigenvalues: torch.Tensor | None = None,
     raise ValueError(f"method.init={how!r}; valid: {Init.normal} | {Init.ones} | {Init.eigenvalues}")
 
 
+def warn_k_clamped(k: int | None, components: dict) -> bool:
+    """``rank.k`` above a unit's number of components keeps all of them (clamped per unit, README): say so."""
+    over = {g: int(n) for g, n in components.items() if k is not None and k > int(n)}
+    if over:
+        import logging
+        logging.getLogger(__name__).warning(
+            "rank.k=%d is more than the components of %s: those units keep all their components (k is clamped "
+            "per unit)", k, ", ".join(f"{g} ({n})" for g, n in over.items()))
+    return bool(over)
+
+
 def prune_rule(evr_rule: str = "strict", compat: str = "none") -> dict:
     """Keyword arguments of :meth:`PCABasis.prune` for ``conventions.evr_rule`` and ``compat``
     (compat=official also keeps k=1 when a unit never reaches the EVR target, bug (c))."""
@@ -266,6 +277,7 @@ class SpectralReweighting(_Rest):
         # then reconstructed with their transpose (bug b)
         square = ctx.official and max(b.num_components for _, _, b in blocks) == ctx.unit_bases.dim
         rule = prune_rule(ctx.evr_rule, ctx.compat)
+        warn_k_clamped(ctx.k, {grp: b.num_components for grp, _, b in blocks})
         blocks = [(grp, idx, b.prune(evr=ctx.evr, k=ctx.k, **rule).compact()) for grp, idx, b in blocks]
         return cls(blocks, ctx.source, len(ctx.source.layout), others=cfg.others, other_mean=other_mean,
                    dropped_value=cfg.dropped_value, init=cfg.init, generator=ctx.generator(),
@@ -339,6 +351,7 @@ class OutputSpectral(SpectralReweighting):
 
     @classmethod
     def build(cls, cfg, ctx: Context) -> "OutputSpectral":
+        warn_k_clamped(ctx.k, {"output": ctx.output_basis.num_components})
         basis = ctx.output_basis.prune(evr=ctx.evr, k=ctx.k, **prune_rule(ctx.evr_rule, ctx.compat))
         basis = coordinate_basis(basis) if ctx.official else basis.compact()
         return cls([("output", [0], basis)], None, 1, dropped_value=cfg.dropped_value, init=cfg.init,

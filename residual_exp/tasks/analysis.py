@@ -212,8 +212,8 @@ def run_text_spans(cfg, a, out: Path) -> int:
         if dropped:
             save_text(dropped, out / f"dictionary_dropped_{_safe(label)}.txt")
         if len(texts) < 2:
-            print(f"{label}: fewer than 2 usable descriptions; nothing to decompose onto", file=sys.stderr)
-            return 1
+            from ..errors import UserError
+            raise UserError(f"analysis.dictionary={a.dictionary}: {label} reads fewer than 2 of its lines ({msg})")
         atoms = ts.prepare_dictionary(ts.encode_texts(s.backbone, texts, s.device, progress=s.progress),
                                       a.center_dictionary)
         unit_basis, output_basis = s.reference_bases(run.pca if run is not None else None)

@@ -2,7 +2,7 @@
 
 Reads the run's ``config.json``, ``classes.json``, ``results.json`` and best checkpoint (a resumed
 run's are found through its ``resumed.json``), rebuilds the backbone of the run's model config,
-folds the trained adapter into the readout (:func:`residual_exp.export.fold`) and writes the
+folds the trained adapter into the readout (its adapter class's ``fold``) and writes the
 folder :func:`residual_exp.export.load_adapted` reads (atomically: a killed export leaves
 nothing).  See :mod:`residual_exp.export` for what the folder holds.
 """
@@ -16,28 +16,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..atomic import atomic_path
+from ..atomic import replaced_folder
 from ..catalog import spec_of
 from ..classifiers import record_kind
 from ..config import ModelConfig
-from ..export import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, TENSORS_FILE
-from ..results import read_classes, read_results, read_run_config
-from ..runtime import resolve_device, seed_everything
+from ..errors import UserError
+from ..export import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, TENSORS_FILE, output_folder, write_manifest
+from ..results import read_training_run, trained_dir
+from ..runtime import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def _trained_dir(run_dir: Path) -> Path:
-    """Where the run's checkpoint lives (a resumed run points at the run that computed it)."""
-    if (run_dir / "checkpoints" / "best.ckpt").is_file():
-        return run_dir
-    resumed = run_dir / "resumed.json"
-    if resumed.is_file():
-        origin = Path(json.loads(resumed.read_text()).get("from_run_dir") or "")
-        if (origin / "checkpoints" / "best.ckpt").is_file():
-            return origin
-    raise FileNotFoundError(f"run_dir={str(run_dir)!r}: no checkpoints/best.ckpt (and no resumed.json pointing at a "
-                            "run that has one): export needs a run of task=train with a trained method")
 
 
 def _package_version() -> str:
@@ -52,15 +40,12 @@ def export(cfg) -> int:
     from ..backbones import build_backbone
     from ..methods import adapter_class
     if not cfg.get("run_dir"):
-        raise ValueError("task=export needs run_dir=<a run folder of task=train>")
+        raise UserError("run_dir=null: task=export needs run_dir=<a run folder of task=train>")
     run_dir = Path(str(cfg.run_dir)).expanduser()
-    conf = read_run_config(run_dir)
-    classes = read_classes(run_dir)
-    records = read_results(run_dir / "results.json")
+    conf, classes, rec = read_training_run(run_dir)
     method = conf["method"]["name"]
-    rec = next(r for r in records if r["method"] == method)
     cls = adapter_class(OmegaConf.create(conf["method"]))
-    out = Path(str(cfg.out)).expanduser() if cfg.get("out") else run_dir / "export"
+    out = output_folder(Path(str(cfg.out)).expanduser() if cfg.get("out") else run_dir / "export")
     seed_everything(int(conf["seed"]))                       # random-init weights depend on the seed
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), conf["model"])
     backbone = build_backbone(model_cfg).eval()
@@ -68,7 +53,7 @@ def export(cfg) -> int:
     backbone.use_convention(units)
     state = {}
     if spec_of("method", conf["method"]).trains:
-        ckpt = torch.load(_trained_dir(run_dir) / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+        ckpt = torch.load(trained_dir(run_dir) / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
         state = ckpt["state_dict"]
     adapter = {k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")}
     tuned = cls.tuned_backbone(adapter)                      # finetune: the tuned tower
@@ -96,6 +81,7 @@ def export(cfg) -> int:
         s = Session.open(job, model_cfg, progress=False)
         head_weight = s.classifier(job.dataset, classes["classnames"], classes["templates"]).weight
     model_node = OmegaConf.to_container(model_cfg, resolve=True)
+    model_node["logit_scale"] = float(backbone.logit_scale)       # the scale this backbone has (a text tower's own)
     config = {
         "format": EXPORT_FORMAT, "backbone": model_node, "weights": "copy" if copy else "reference",
         "output_dim": backbone.output_dim, "method": method, "method_config": conf["method"],
@@ -112,14 +98,15 @@ def export(cfg) -> int:
     from safetensors.torch import save_file
     tensors = {k: v.float().contiguous() for k, v in folded.tensors().items()}
     tensors["classifier"] = head_weight.float().contiguous()
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
+    with replaced_folder(out) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE))
         if copy:
             # the library model's own state dict: what model.weights= loads (clones: no shared storage)
             save_file({k: v.detach().float().contiguous().clone() for k, v in backbone.model.state_dict().items()},
                       str(tmp / BACKBONE_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+        write_manifest(tmp, None if copy else model_cfg.weights and str(Path(str(model_cfg.weights)).expanduser()
+                                                                        .resolve()))
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"exported {method} of {run_dir} → {out} ({size:.1f} MiB; weights {config['weights']}; "
           f"test accuracy {rec['test_accuracy']:.4f})")

@@ -30,7 +30,8 @@ def find_images(inputs: str) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        files = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                 and not any(part.startswith(".") for part in f.relative_to(p).parts)]   # ._x.jpg, .git/
         where = f"folder {p}"
     else:
         files = [Path(f) for f in sorted(glob.glob(str(p), recursive=True))
@@ -91,14 +92,19 @@ def grid_figure(files: list[Path], rows: list[dict], n: int):
     return fig
 
 
+SHOWN = 10              # rows printed on the console (all of them are in predictions.csv)
+
+
 def predict(cfg) -> int:
     from ..atomic import atomic_write_text, save_figure
+    from ..errors import writable_dir
     from ..export import load_adapted
     task = cfg.task
-    files = find_images(str(cfg.inputs))
-    model = load_adapted(str(cfg.model_dir), device=resolve_device(cfg.device))
-    rows = predict_files(model, files, int(task.top_k), int(task.batch_size), bool(cfg.trainer.progress_bar))
     out = Path(str(task.out_dir)).expanduser() if task.get("out_dir") else run_dir_of(cfg)
+    writable_dir(out, "task.out_dir")                        # before any work
+    files = find_images(str(cfg.inputs))
+    model = load_adapted(str(cfg.model_dir), device=resolve_device(cfg.device), verify=bool(task.verify_export))
+    rows = predict_files(model, files, int(task.top_k), int(task.batch_size), bool(cfg.trainer.progress_bar))
     out.mkdir(parents=True, exist_ok=True)
     fig = grid_figure(files, rows, int(task.grid)) if int(task.grid) > 0 else None
     atomic_write_text(out / "predictions.csv", csv_text(rows))
@@ -106,7 +112,9 @@ def predict(cfg) -> int:
         import matplotlib.pyplot as plt
         save_figure(fig, out / "predictions.png", dpi=100)
         plt.close(fig)
-    shown = [{"image": Path(r["path"]).name, "top1": r["top1"], "p1": f"{r['p1']:.3f}"} for r in rows[:10]]
+    shown = [{"image": Path(r["path"]).name, "top1": r["top1"], "p1": f"{r['p1']:.3f}"} for r in rows[:SHOWN]]
     print(text_table(shown, ["image", "top1", "p1"]))
+    if len(rows) > SHOWN:
+        print(f"… the first {SHOWN} of {len(rows)} images; every row is in predictions.csv")
     print(f"{len(rows)} images → {out / 'predictions.csv'}" + (f", {out / 'predictions.png'}" if fig else ""))
     return 0

@@ -6,8 +6,14 @@ from ..backbones.tiny_clip import CHECKPOINT, pretrain_tiny_clip as _pretrain
 
 
 def pretrain_tiny_clip(cfg) -> int:
+    from pathlib import Path
+
+    from ..errors import UserError, writable_dir
     t = cfg.task
-    out = t.out or CHECKPOINT
+    out = Path(str(t.out or CHECKPOINT)).expanduser()
+    if out.is_dir():                      # checked before ~10 minutes of training, not after
+        raise UserError(f"task.out={out}: is a folder; give the checkpoint's file name (e.g. {out / 'tiny_clip.safetensors'})")
+    writable_dir(out.parent, "task.out")
     meta = _pretrain(out=out, n_images=t.n_images, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                      seed=t.seed, progress=bool(cfg.trainer.progress_bar))
     print(f"tiny CLIP written to {out}: {meta}")

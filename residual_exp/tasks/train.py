@@ -21,8 +21,8 @@ from ..classifiers import record_kind, top1_accuracy
 from ..decompose.selection import select
 from ..methods import build_adapter
 from ..pipeline import Session
-from ..results import (BELOW_ZERO_SHOT_MARGIN, LAMBDA_FILE, results_table, save_lambda, setting_of, write_classes,
-                       write_results)
+from ..results import (BELOW_ZERO_SHOT_MARGIN, LAMBDA_FILE, result_flags, results_table, save_lambda, setting_of,
+                       write_classes, write_results)
 from ..runtime import run_dir_of
 from ..train.data import TrainingData
 from ..train.fit import fit_and_test, training_threads
@@ -38,24 +38,34 @@ def train(cfg: DictConfig) -> int:
     t_start = time.time()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    splits = Session.data(cfg.dataset, RUN_SPLITS)                       # the data is checked before the model
     s = Session.open(cfg)
     selected = select(cfg.units, s.backbone.layout, cfg.model.name)      # refused here, before any encoding
-    splits = s.splits(cfg.dataset, RUN_SPLITS)
+    s.preprocess(splits)
     log.info("%s: %s", cfg.dataset.name, {name: len(d) for name, d in splits.items()})
-    enc = {name: s.encode_dataset(splits[name], cfg.dataset) for name in RUN_SPLITS}
     train = splits[Split.train]
-    head = s.classifier(cfg.dataset, train.classnames, train.templates, train_encoding=lambda: enc[Split.train])
+    enc: dict = {}
+    encoded = lambda name: enc[name] if name in enc else enc.setdefault(name, s.encode_dataset(splits[name], cfg.dataset))
+    # the head first: a text head whose classes cannot be told apart is refused before any image is encoded
+    # (a prototype head needs the train encoding, and checks it before training)
+    head = s.classifier(cfg.dataset, train.classnames, train.templates, train_encoding=lambda: encoded(Split.train))
+    for name in RUN_SPLITS:
+        encoded(name)
     write_classes(train.classnames, train.templates, run_dir)
 
     zs = {name: top1_accuracy(head, enc[name].features, enc[name].labels) for name in EVAL_SPLITS}
-    common = dict(model=cfg.model.name, dataset=cfg.dataset.name, seed=int(cfg.seed),
+    common = dict(model=cfg.model.name, dataset=train.label or cfg.dataset.name, seed=int(cfg.seed),
+                  **({"dataset_split": dict(train.record, sizes={n: len(d) for n, d in splits.items()})}
+                     if train.record else {}),
                   zero_shot_val_accuracy=zs["val"], zero_shot_test_accuracy=zs["test"],
-                  **conventions_record(cfg, s.backbone.has_text), num_classes=len(splits["train"].classnames))
+                  **conventions_record(cfg, s.backbone.has_text), num_classes=len(train.classnames))
     records = [dict(common, method="base", trainable_params=0, val_accuracy=zs["val"], test_accuracy=zs["test"],
                     wall_seconds=round(time.time() - t_start, 2))]
     if cfg.method.spec.trains:
         records.append(dict(common, **train_method(cfg, s, splits, enc, head, run_dir, common, selected)))
         warn_below_zero_shot(records[-1], zs["val"])
+    for rec in records:                       # results that look fine and are not: said in the table and the record
+        rec["flags"] = result_flags(rec, head.num_classes)
 
     path = write_results(records, run_dir)
     print(results_table(records))
@@ -124,7 +134,8 @@ def train_method(cfg, s: Session, splits: dict, enc: dict, head, run_dir: Path, 
                    test_accuracy=res.test_accuracy, best_epoch=res.best_epoch, epochs=res.epochs_run,
                    lr=res.lr, wall_seconds=round(time.time() - t0, 2),
                    **{k: setting[k] for k in ("units", "rank", "pca_reference", "init", "max_epochs")},
-                   **selection_record(adapter, s.backbone.layout, selected))
+                   **selection_record(adapter, s.backbone.layout, selected),
+                   **({"lr_finder": res.lr_finder} if res.lr_finder else {}))
         log_summary(logger, dict(fields, **rec))
         code = 0
         return rec

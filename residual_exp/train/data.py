@@ -105,6 +105,8 @@ def prepared_bytes(adapter, enc: Encoded, dtype: torch.dtype) -> int:
 
 def batches(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
+    from ..machine import loader_workers
+    num_workers = loader_workers(num_workers)          # never more processes than usable cores
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       collate_fn=lambda b: b, generator=g, persistent_workers=num_workers > 0)
 

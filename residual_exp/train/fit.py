@@ -35,6 +35,7 @@ class FitResult:
     lr: float
     seconds: float
     checkpoint: str
+    lr_finder: dict | None = None     # trainer.lr_find: suggested / preset / used lr (and why the preset was kept)
 
 
 def _accelerator(trainer_cfg, device: str) -> str:
@@ -68,7 +69,8 @@ def fit_and_test(module: AdapterModule, loaders: dict, trainer_cfg, out_dir: Pat
                         verbose=False, weights_only=True)
     best_epoch = _best_epoch(checkpoint)
     return FitResult(best_val, float(test[0]["test/acc"]), best_epoch, trainer.current_epoch,
-                     float(module.lr), time.time() - t0, checkpoint.best_model_path)
+                     float(module.lr), time.time() - t0, checkpoint.best_model_path,
+                     getattr(module, "lr_finder", None))
 
 
 LR_FIND_STEPS = 100
@@ -87,13 +89,42 @@ def find_lr(module: AdapterModule, loaders: dict, trainer_cfg, common: dict, out
     finder = Tuner(tuner).lr_find(module, train_dataloaders=loaders["train"], num_training=LR_FIND_STEPS,
                                   update_attr=True)
     suggestion = finder.suggestion() if finder is not None else None
-    if suggestion is None:
+    why = implausible_lr(suggestion, before)
+    module.lr_finder = {"suggested": None if suggestion is None else float(suggestion), "preset": float(before),
+                        "used": float(before) if why else float(suggestion)}
+    if why:
         module.lr = before
-        log.warning("LR finder: no suggestion (loss curve without a usable slope); keeping lr=%.3g", before)
+        module.lr_finder["kept_preset"] = why
+        log.warning("LR finder: %s; keeping the preset lr=%.3g (method.lr; the loss curve is in lr_find.png)",
+                    why, before)
     else:
+        module.lr = float(suggestion)
         log.info("LR finder suggests lr=%.3g (was %.3g)", module.lr, before)
     if finder is not None:
         save_figure(finder.plot(suggest=suggestion is not None), out_dir / "lr_find.png")
+
+
+# An LR finder's pick is used only within a factor LR_FIND_FACTOR of the preset (method.lr, the paper's value)
+# and inside LR_FIND_RANGE; anything else is a loss curve without a usable slope (a tiny, already well-fitted
+# adapter: the steepest descent sits at the finder's lower bound), and the preset is kept, with a warning.
+LR_FIND_FACTOR = 100.0
+LR_FIND_RANGE = (1e-6, 10.0)
+
+
+def implausible_lr(suggestion: float | None, preset: float) -> str | None:
+    """Why the finder's ``suggestion`` should not replace ``preset`` (None: use it)."""
+    if suggestion is None or not math.isfinite(suggestion):
+        return "no suggestion (loss curve without a usable slope)"
+    if suggestion < preset / LR_FIND_FACTOR:
+        return (f"its suggestion lr={suggestion:.3g} is more than {LR_FIND_FACTOR:g}x below the preset "
+                f"{preset:.3g}")
+    if suggestion > preset * LR_FIND_FACTOR:
+        return (f"its suggestion lr={suggestion:.3g} is more than {LR_FIND_FACTOR:g}x above the preset "
+                f"{preset:.3g}")
+    lo, hi = LR_FIND_RANGE
+    if not lo <= suggestion <= hi:
+        return f"its suggestion lr={suggestion:.3g} is outside the sane range [{lo:g}, {hi:g}]"
+    return None
 
 
 def _best_epoch(checkpoint: ModelCheckpoint) -> int:

@@ -55,7 +55,18 @@ def build_logger(logger_cfg, run_dir: Path, config: dict | None = None):
         kwargs = {"save_dir": str(run_dir)}
     # instantiate a partial, then call it: hydra.utils.instantiate's own first parameter is named
     # `config`, which would collide with WandbLogger's `config=` keyword
-    return instantiate(logger_cfg, _partial_=True, _convert_="all")(**kwargs)
+    logger = instantiate(logger_cfg, _partial_=True, _convert_="all")(**kwargs)
+    _drop_anonymous(logger)
+    return logger
+
+
+def _drop_anonymous(logger) -> None:
+    """Lightning's WandbLogger always passes ``anonymous=None`` to ``wandb.init``, which current wandb
+    answers with "The anonymous setting has no effect" on every run: leave the (deprecated, unused)
+    setting out before the run is created."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
 
 
 SETTING_PREFIX = "setting/"

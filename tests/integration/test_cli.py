@@ -66,7 +66,8 @@ def test_help_is_generated_from_the_catalog(tmp_path):
     assert "_schema" not in out and "powered by Hydra" not in out
     for name, schema in TASKS.items():
         assert f"  {name} " in out and schema.__doc__.split()[0] in out
-    for group in ("model", "dataset", "method", "pca", "trainer", "logger", "analysis", "hydra/launcher"):
+    for group in ("model", "dataset", "method", "units", "rank", "pca", "trainer", "logger", "analysis",
+                  "hydra/launcher"):
         assert f"  {group}:" in out
         for name in options(group):
             assert name in out
@@ -76,6 +77,8 @@ def test_help_is_generated_from_the_catalog(tmp_path):
     n_paper = len(options("experiment/paper"))
     assert f"= {n_paper} presets" in out and "paper/<model>_<dataset>" in out
     assert "examples:" in out and "python -m residual_exp -m " in out
+    assert "ablation/<name>" in out and all(a in out for a in options("experiment/ablation"))
+    assert "heads_mlps*" in out and "all*" in out               # the default method's units and rank
 
 
 def test_readme_method_table_is_the_catalogs():

@@ -310,3 +310,96 @@ def test_evaluate_same_dataset_and_transfer(trained, tmp_path):
     labels = torch.tensor([split[i][1] for i in range(len(split))])
     feats = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
     assert rec["test_accuracy"] == pytest.approx(float(((feats @ w.T).argmax(-1) == labels).float().mean()))
+
+
+# --- trust: the export's checksums, its scale, the zero-shot column, what predict prints ------------------------
+def _copy_export(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_changed_export_file_is_refused_naming_it_and_the_check_can_be_skipped(trained, tmp_path):
+    from residual_exp.export import MANIFEST_FILE, ExportError, load_adapted
+    _, _, exports = trained
+    src = exports["residual_full"]
+    manifest = json.loads((src / MANIFEST_FILE).read_text())
+    assert set(manifest["files"]) == {"adapted.json", "adapted.safetensors"}              # weights: the embedded CLIP
+    copied = json.loads((exports["finetune"] / MANIFEST_FILE).read_text())
+    assert set(copied["files"]) == {"adapted.json", "adapted.safetensors", "backbone.safetensors"}
+    flipped = _copy_export(src, tmp_path / "flipped")
+    data = bytearray((flipped / "adapted.safetensors").read_bytes())
+    data[-5] ^= 0xFF                                                  # one byte of the folded tensors
+    (flipped / "adapted.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"flipped/adapted.safetensors: changed since it was exported \(checksum"):
+        load_adapted(flipped)
+    load_adapted(flipped, verify=False)                               # the documented way around the check
+    _shapes_folder(tmp_path / "imgs")
+    proc = _cli(["task=predict", f"model_dir={flipped}", f"inputs={tmp_path / 'imgs'}",
+                 f"task.out_dir={tmp_path / 'p'}"], tmp_path)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "adapted.safetensors: changed since" in errors[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "p" / "predictions.csv").exists()
+    proc = _cli(["task=predict", f"model_dir={flipped}", f"inputs={tmp_path / 'imgs'}", "task.verify_export=false",
+                 f"task.out_dir={tmp_path / 'p'}"], tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "p" / "predictions.csv").is_file()
+    # relabelled classes (an edited adapted.json) and a missing file are refused the same way
+    relabelled = _copy_export(src, tmp_path / "relabelled")
+    conf = json.loads((relabelled / "adapted.json").read_text())
+    conf["classnames"] = list(reversed(conf["classnames"]))
+    (relabelled / "adapted.json").write_text(json.dumps(conf, indent=1))
+    with pytest.raises(ExportError, match=r"relabelled/adapted.json: changed since it was exported"):
+        load_adapted(relabelled)
+    tuned = _copy_export(exports["finetune"], tmp_path / "tuned")
+    (tuned / "backbone.safetensors").unlink()
+    with pytest.raises(ExportError, match=r"tuned/backbone.safetensors: missing from the export"):
+        load_adapted(tuned)
+    (relabelled / MANIFEST_FILE).unlink()
+    with pytest.raises(ExportError, match=r"no manifest.json"):
+        load_adapted(relabelled)
+
+
+def test_export_records_the_scale_its_classifier_uses_and_refuses_foreign_outputs(trained, tmp_path):
+    from residual_exp.errors import UserError
+    from residual_exp.tasks.export import export
+    tmp, runs, exports = trained
+    conf = json.loads((exports["residual_full"] / "adapted.json").read_text())
+    assert conf["classifier"]["kind"] == "text"
+    assert conf["backbone"]["logit_scale"] == conf["classifier"]["scale"] != 100.0     # the tiny CLIP's own ~14.8
+    cfg, run_dir = runs["residual_coarse"]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("mine")
+    for out, phrase in ((tmp_path / "foreign", "exists and is not an export folder"),
+                        (tmp_path / "foreign" / "keep.txt", "is a file, not a folder")):
+        with pytest.raises(UserError, match=phrase):
+            export(compose_cfg(["task=export", f"run_dir={run_dir}", f"out={out}"]))
+    assert (tmp_path / "foreign" / "keep.txt").read_text() == "mine"
+    again = exports["residual_coarse"]                                  # an earlier export is replaced in place
+    before = json.loads((again / "adapted.json").read_text())["provenance"]["exported_at"]
+    assert export(compose_cfg(["task=export", f"run_dir={run_dir}", f"out={again}"])) == 0
+    assert (again / "manifest.json").is_file() and not list(again.parent.glob(f".{again.name}.*"))
+    assert json.loads((again / "adapted.json").read_text())["provenance"]["exported_at"] >= before
+
+
+def test_evaluate_fills_the_zero_shot_column(trained, tmp_path):
+    from residual_exp.tasks.evaluate import evaluate
+    _, runs, exports = trained
+    cfg, run_dir = runs["residual_full"]
+    train_rec = {r["method"]: r for r in json.loads((run_dir / "results.json").read_text())}
+    assert evaluate(compose_cfg([*TINY, "task=evaluate", f"model_dir={exports['residual_full']}"], tmp_path)) == 0
+    rec, = json.loads((tmp_path / "run" / "results.json").read_text())
+    # same dataset, same head: the frozen feature's accuracy is the run's own zero-shot test accuracy
+    assert rec["zero_shot_test_accuracy"] == pytest.approx(train_rec["base"]["test_accuracy"], abs=1e-9)
+    assert evaluate(compose_cfg([*TINY, "task=evaluate", f"model_dir={exports['finetune']}"], tmp_path / "ft")) == 0
+    rec, = json.loads((tmp_path / "ft" / "run" / "results.json").read_text())
+    assert rec["zero_shot_test_accuracy"] is None and "finetune export" in rec["zero_shot_note"]
+
+
+def test_predict_says_when_it_prints_only_the_first_rows(trained, tmp_path):
+    _, _, exports = trained
+    _shapes_folder(tmp_path / "imgs", n=14)
+    proc = _cli(["task=predict", f"model_dir={exports['base']}", f"inputs={tmp_path / 'imgs'}", "task.grid=0",
+                 f"task.out_dir={tmp_path / 'p'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "… the first 10 of 14 images; every row is in predictions.csv" in proc.stdout
+    assert len((tmp_path / "p" / "predictions.csv").read_text().splitlines()) == 15

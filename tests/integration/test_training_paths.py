@@ -46,7 +46,12 @@ def test_finetune_trains_the_image_tower(tmp_path):
 def test_lr_finder_with_the_schedule_free_optimizer(tmp_path):
     records, out = _train(tmp_path, "lrf", ["method=residual_coarse", "trainer.lr_find=true"])
     assert (out / "lr_find.png").stat().st_size > 0
-    assert records[1]["lr"] > 0 and records[1]["lr"] != 0.8           # the finder's suggestion was used
+    from residual_exp.train.fit import implausible_lr
+    finder, rec = records[1]["lr_finder"], records[1]
+    assert finder["suggested"] > 0 and finder["preset"] == 0.8        # the finder ran on the schedule-free module
+    kept = implausible_lr(finder["suggested"], 0.8)                  # its pick is used only when plausible
+    assert rec["lr"] == finder["used"] == (0.8 if kept else finder["suggested"])
+    assert finder.get("kept_preset") == kept and (f"LR finder not used: {kept}" in rec["flags"]) == bool(kept)
 
 
 def test_streamed_cache_backbone_in_the_loop_and_no_cache_agree_with_the_in_memory_cache(tmp_path):

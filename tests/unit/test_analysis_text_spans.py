@@ -81,8 +81,13 @@ def test_dictionary_default_file_and_filter(tmp_path) -> None:
     f = tmp_path / "dict.txt"
     f.write_text("# comment\nred\n\n  blue  sky \nred\n")
     assert ts.load_dictionary(f) == ["red", "blue sky"]
-    with pytest.raises(FileNotFoundError):
+    from residual_exp.errors import UserError
+    with pytest.raises(UserError, match="missing.txt: no such file"):
         ts.load_dictionary(tmp_path / "missing.txt")
+    for text, n in (("", 0), ("\n  \n# only a comment\n", 0), ("one\n", 1)):     # nothing to decompose onto
+        f.write_text(text)
+        with pytest.raises(UserError, match=f"holds {n} description"):
+            ts.load_dictionary(f)
     kept, dropped = ts.filter_known(["red", "blue zebra", "a cross"], lambda t: {w for s in t for w in s.split()
                                                                             if w == "zebra"})
     assert kept == ["red", "a cross"] and dropped == ["blue zebra"]

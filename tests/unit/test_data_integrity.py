@@ -66,10 +66,21 @@ def rewrite_in_place(path: Path, seed: int):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
+def _fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESIDUAL_EXP_ROOT", str(project(tmp_path)))   # where image_folder splits / scans go
     vision.clear_cache()
     yield
     vision.clear_cache()
+
+
+def project(tmp_path) -> Path:
+    """The project folder (paths.root_dir) of a test, beside its data folder ``tmp_path``."""
+    return tmp_path.parent / f"{tmp_path.name}-project"
+
+
+def project_splits(tmp_path) -> Path:
+    """Where a user's folder's splits and bad-image scans are stored (never in the data folder)."""
+    return project(tmp_path) / "outputs" / "splits"
 
 
 def build(c, split, **kw):
@@ -281,13 +292,14 @@ def test_skip_bad_images(tmp_path, monkeypatch, caplog):
     assert build(skip, "reference").file_paths() == train.file_paths()
 
     # the scan is stored next to the split files and not run again
-    scans = sorted((tmp_path / SPLIT_DIRNAME).glob("image_folder.bad_images.*.json"))
+    scans = sorted(project_splits(tmp_path).glob("image_folder.bad_images.*.json"))
+    assert not (tmp_path / SPLIT_DIRNAME).exists()                   # nothing in the user's data folder
     records = [json.loads(p.read_text()) for p in scans]
     assert sorted(r["split"] for r in records) == ["test", "train", "val"]   # reference = train
     (bad,) = [r for r in records if r["bad"]]
     assert bad["split"] == "train" and bad["n_files"] == len(before["train"])
     assert [b["path"] for b in bad["bad"]] == [Path(victim).relative_to(tmp_path).as_posix()]
-    assert not [p for p in (tmp_path / SPLIT_DIRNAME).iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in project_splits(tmp_path).iterdir() if p.name.endswith(".tmp")]
 
     def boom(*a, **k):
         raise AssertionError("scanned again")
@@ -329,11 +341,14 @@ def test_one_class_dataset_is_refused(tmp_path):
 
 
 def test_train_with_one_populated_class_is_refused(tmp_path):
-    image_folder(tmp_path, n_test=0)
+    from residual_exp.data.image_folder import ImageFolderError
+    image_folder(tmp_path, n_test=1)
     for p in (tmp_path / "train" / "tabby_cat").iterdir():
         p.unlink()
-    with pytest.raises(TooFewClassesError, match=r"only 1 class .*golden retriever \(9 images\)"):
-        build(cfg("image_folder", tmp_path), "train")
+    with pytest.raises(ImageFolderError, match=r"1 class folder in the train split of .* holds no image \(tabby_cat/"):
+        build(cfg("image_folder", tmp_path), "train")        # an empty class folder: refused, named
+    with pytest.raises(TooFewClassesError, match=r"declares 1 class \(golden retriever\)"):
+        build(cfg("image_folder", tmp_path, drop_empty_classes=True), "train")   # dropped: one class left
 
 
 def test_empty_split_is_refused(tmp_path):
@@ -347,9 +362,9 @@ def test_empty_split_is_refused(tmp_path):
 
 
 def test_class_missing_from_train_is_refused(tmp_path):
+    import shutil
     image_folder(tmp_path)
-    for p in (tmp_path / "train" / "tabby_cat").iterdir():          # folder stays, empty
-        p.unlink()
+    shutil.rmtree(tmp_path / "train" / "tabby_cat")                   # test/ keeps a class train/ lacks
     (tmp_path / "train" / "zebra").mkdir()
     for k in range(3):
         jpeg(tmp_path / "train" / "zebra" / f"{k}.jpg", k)
@@ -358,8 +373,9 @@ def test_class_missing_from_train_is_refused(tmp_path):
             build(cfg("image_folder", tmp_path), split)
         msg = str(e.value)
         assert "split 'test'" in msg and "tabby cat (3 images)" in msg and "never in the train" in msg
-        assert e.value.classes == ["tabby cat"]
-    build(cfg("image_folder", tmp_path), "train")                    # train itself is fine
+        assert e.value.classes == ["tabby cat"] and "tabby_cat" in msg
+    with pytest.raises(ClassesMissingFromTrainError):                 # refused whichever split is asked for
+        build(cfg("image_folder", tmp_path), "train")
 
 
 def test_val_folder_class_unknown_to_train_is_refused(tmp_path):
@@ -434,12 +450,14 @@ def test_inspect_data_verify_finds_corrupt_file_and_single_class_split(tmp_path,
 
 def test_inspect_data_reports_missing_train_classes_and_empty_splits(tmp_path, capsys):
     image_folder(tmp_path, n_train=3)
-    for p in (tmp_path / "train" / "tabby_cat").iterdir():
-        p.unlink()
     assert _inspect(cfg("image_folder", tmp_path), verify=False) == 1
     out = capsys.readouterr().out
     assert "split 'val' is empty" in out
-    assert "split 'test' has 1 class(es) that never occur in train: tabby cat (3 images)" in out
+    for p in (tmp_path / "train" / "tabby_cat").iterdir():
+        p.unlink()
+    assert _inspect(cfg("image_folder", tmp_path, drop_empty_classes=True), verify=False) == 1
+    out = capsys.readouterr().out
+    assert "has a single class: golden retriever (3 images)" in out
 
 
 def test_inspect_data_verify_clean(tmp_path, capsys, no_md5):

@@ -39,6 +39,12 @@ NAMES = ["cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45",
 SIDE = 8
 
 
+@pytest.fixture(autouse=True)
+def _project_root(tmp_path, monkeypatch):
+    """image_folder stores its splits with the project's outputs (paths.root_dir), beside the data here."""
+    monkeypatch.setenv("RESIDUAL_EXP_ROOT", str(tmp_path.parent / f"{tmp_path.name}-project"))
+
+
 def cfg(name, root, **params):
     return OmegaConf.create({"name": name, "root": str(root), "download": False,
                              "batch_size": 4, "num_workers": 0, "params": params})
@@ -311,8 +317,13 @@ def test_dataset_loads_from_fixture(name, tmp_path, no_md5):
         assert len(train) + len(val) == per_class * len(classes)
         assert len(test) == n_test
         assert not set(train.indices) & set(val.indices)
-    # the split is stored next to the data and reused by a second call
-    stored = tmp_path / SPLIT_DIRNAME / f"{name}.json"
+    # the split is stored next to the data (a user's folder: with the project's outputs, keyed by the
+    # folder's fingerprint) and reused by a second call
+    if name == "image_folder":
+        assert not (tmp_path / SPLIT_DIRNAME).exists()
+        stored, = (tmp_path.parent / f"{tmp_path.name}-project" / "outputs" / "splits").glob("image_folder-*.json")
+    else:
+        stored = tmp_path / SPLIT_DIRNAME / f"{name}.json"
     assert stored.is_file()
     vision.clear_cache()
     again = registry.build_split(c, "val")

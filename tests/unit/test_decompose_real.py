@@ -39,15 +39,19 @@ def test_real_size_decomposition(name):
     torch.manual_seed(0)
     bb = build_backbone(cfg).float().eval()
     assert bb.image_size == 224
-    assert bb.layout.counts() == {"embed": 1, "head": L * H, "mlp": L, "const": 2}
-    assert len(bb.layout) == 1 + L * (H + 1) + 2           # B/16: 159, L: 411
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        units, feature = bb.decompose(x)
-    assert units.shape == (2, len(bb.layout), D)
-    diff = units.sum(1) - feature                            # [B, D]
-    abs_err = diff.abs().max().item()
-    rel_err = (diff.abs().amax(-1) / feature.abs().amax(-1)).max().item()
-    print(f"\n{name}: units {len(bb.layout)} {bb.layout.counts()}  abs {abs_err:.3e}  rel {rel_err:.3e}")
-    assert rel_err <= REL_TOL
-    assert count_hooks(bb) == 0
+    # the default (official) convention shares the final norm's centring and bias among the units, so it has
+    # no constant units; the centred convention keeps them as two explicit units (DESIGN.md §2)
+    for convention, n_const in (("official", 0), ("centred", 2)):
+        bb.use_convention(convention)
+        assert bb.layout.counts() == {"embed": 1, "head": L * H, "mlp": L, "const": n_const}
+        assert len(bb.layout) == 1 + L * (H + 1) + n_const      # official B/16: 157, L: 409
+        with torch.no_grad():
+            units, feature = bb.decompose(x)
+        assert units.shape == (2, len(bb.layout), D)
+        diff = units.sum(1) - feature                            # [B, D]
+        abs_err = diff.abs().max().item()
+        rel_err = (diff.abs().amax(-1) / feature.abs().amax(-1)).max().item()
+        print(f"\n{name} {convention}: units {len(bb.layout)} {bb.layout.counts()}  abs {abs_err:.3e}  rel {rel_err:.3e}")
+        assert rel_err <= REL_TOL
+        assert count_hooks(bb) == 0

@@ -332,7 +332,8 @@ def test_offline_pretrained_is_clear(offline, cfg):
 
 
 def test_missing_weights_file_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.weights=.*no such file"):
+    from residual_exp.backbones.weights import BadWeightsFile            # a user error: one line, exit 2
+    with pytest.raises(BadWeightsFile, match="model.weights=.*no such file"):
         build_backbone(model_cfg(**TIMM_CFG, weights=str(tmp_path / "nope.safetensors")))
 
 

@@ -91,6 +91,10 @@ def explain(e: BaseException, overrides: Sequence[str]) -> str:
         from .config import suggestion
         path, key = m.groups()
         return f"{path}.yaml: unknown key {key}{suggestion(key, _fields(key, task, analysis))}"
+    m = re.match(r"Could not append to config\. An item is already at '([^']+)'", msg)
+    if m:                                            # "+key=v" for a key the config has
+        key = m.group(1)
+        return f"+{key}={_value(key, overrides)}: {key} is already in the config: set it without '+' ({key}=…)"
     m = re.match(r"Could not override '([^']+)'", msg)
     if m:
         key = m.group(1)
@@ -115,7 +119,8 @@ def _culprit(e: BaseException, overrides: Sequence[str]) -> str | None:
     """The override a composition error ``e`` is about (None: not one override's fault)."""
     msg = str(e)
     m = (re.search(r"Could not find '([^']+)/[^'/]+'", msg) or re.match(r"Could not override '([^']+)'", msg)
-         or re.match(r"Error merging override ([^=]+)=", msg))
+         or re.match(r"Error merging override ([^=]+)=", msg)
+         or re.match(r"Could not append to config\. An item is already at '([^']+)'", msg))
     if not m:
         return None
     key = m.group(1)

@@ -387,6 +387,7 @@ def _cli(args, tmp_path):
     (["task=report", "task.format=xml"], "error: unknown key task.format: got task.format=xml; the keys of task (report)"),
     (["pca.reference=nope"], "error: pca.reference=nope: a dataset config is expected: select one with dataset@pca.reference=NAME"),
     (["rank.k=[1"], "error: cannot parse the command line"),
+    (["+method.lr=2"], "error: +method.lr=2: method.lr is already in the config: set it without '+' (method.lr=…)"),
     (["-m", "method=base,nope"], "error: method=nope: not a method config"),
     (["method=base", "units=heads"], "error: units=heads"),
     (["compat=official", "conventions.units=centred"], "error: conventions.units=centred"),

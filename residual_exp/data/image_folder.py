@@ -51,6 +51,7 @@ NAME = "image_folder"
 SPLIT_DIRS = tuple(s.value for s in Split if s != Split.reference)      # the split folders of the split layout
 DEFAULTS = {"val_fraction": 0.1, "test_fraction": 0.1, "split_seed": SEED}
 PROJECT_SPLITS = Path("outputs") / "splits"          # under paths.root_dir
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()    # (root, dropped class folders) already reported
 
 LAYOUT = ("<class>/*.jpg|png|...         (plain: train/val/test carved from it)\n"
           "  or\n"
@@ -225,7 +226,8 @@ def scan(cfg) -> Tree:
             f"{', …' if len(empty) > 10 else ''}; image files: {', '.join(IMG_EXTENSIONS)}): add images, remove the "
             "folders, or set dataset.params.drop_empty_classes=true to leave them out (recorded in the results)")
     kept = [f for f in folders if f not in empty]
-    if empty:
+    if empty and (str(root), tuple(empty)) not in _WARNED:      # once per folder, not once per split / scan
+        _WARNED.add((str(root), tuple(empty)))
         log.warning("image_folder: leaving out %d empty class folder(s) (dataset.params.drop_empty_classes=true): %s",
                     len(empty), ", ".join(empty))
     names = _names(cfg, folders, kept)

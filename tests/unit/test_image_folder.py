@@ -6,6 +6,7 @@ Fixtures are real image files (JPEG / PNG / GIF / TIFF / BMP in several PIL mode
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_split_layout_reads_train_test_and_carves_val(tmp_path):
     assert parts["test"].classnames == ["x ray", "y"] and parts["train"].record["layout"] == "split"
 
 
-def test_empty_class_folders_are_refused_by_name_or_dropped_and_recorded(tmp_path):
+def test_empty_class_folders_are_refused_by_name_or_dropped_and_recorded(tmp_path, caplog):
     root = tmp_path / "d"
     plain(root, {"a": 10, "b": 10, "c": 10})
     (root / "empty_one").mkdir()
@@ -127,8 +128,11 @@ def test_empty_class_folders_are_refused_by_name_or_dropped_and_recorded(tmp_pat
     assert "2 class folders" in str(e.value) and "empty_one/, only_text/" in str(e.value)
     assert "drop_empty_classes=true" in str(e.value) and "\n" not in str(e.value)
     assert not splits_dir(tmp_path).exists()                       # refused before anything was written
-    ds = build(cfg(root, drop_empty_classes=True), "train")
+    with caplog.at_level(logging.WARNING):
+        ds = build(cfg(root, drop_empty_classes=True), "train")
+        build(cfg(root, drop_empty_classes=True), "val")
     assert ds.classnames == ["a", "b", "c"] and ds.record["dropped_empty_classes"] == ["empty_one", "only_text"]
+    assert caplog.text.count("leaving out 2 empty class folder") == 1      # said once, not once per split
 
 
 def test_colliding_class_names_and_mixed_layouts_are_refused(tmp_path):

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from .catalog import (FAMILIES, SEED_MAX, TRAINER_PRECISIONS, Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind,
+from .catalog import (FAMILIES, SEED_MAX, SPLIT_SEED, TRAINER_PRECISIONS, Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind,
                       CacheLayout, CheckDtype, Classifier, Compat, DatasetSpec, EvrRule, Init, MethodSpec, ModelPrecision,
                       ModelSpec, Others, Prototype, Score, Selection, SimilarityUnweighted, SimilarityWeights, Split,
                       UnitConvention, UnitKind, Verify, rule)
@@ -85,7 +85,7 @@ class ImageFolderParams:
     """``dataset.params`` of ``dataset=image_folder`` (:mod:`residual_exp.data.image_folder`)."""
     val_fraction: float = rule(0.1, gt=0, lt=1)     # carved from the images (plain) or from train/ (split without val/)
     test_fraction: float = rule(0.1, gt=0, lt=1)    # plain layout only
-    split_seed: int = rule(42, **SEED)              # seed of the stratified carving
+    split_seed: int = rule(SPLIT_SEED, **SEED)      # seed of the stratified carving
     drop_empty_classes: bool = False                # leave out class folders without images (recorded) instead of refusing
     classnames: Any = None                          # null: folder names; a list (sorted folder order) or {folder: name}
     templates: Optional[List[str]] = rule(None, min_len=1)   # prompts with one {} each (null: 'a photo of a {}.')

@@ -11,7 +11,7 @@ Torch-free (imports only omegaconf, and Hydra's config repository when a spec is
 from .fields import rule
 from .specs import (FAMILIES, SPEC_TYPES, DatasetSpec, FamilySpec, MethodSpec, ModelSpec, grid, load, method_order, needs_bases, option_choices, spec_of,
                     option, options, spec)
-from .values import (COARSE_OTHERS, EVAL_SPLITS, OUTPUT_UNITS, RUN_SPLITS, SEED_MAX, TRAINER_PRECISIONS, UNIT_GROUPS, UNITS_WHAT,
+from .values import (COARSE_OTHERS, EVAL_SPLITS, OUTPUT_UNITS, RUN_SPLITS, SEED_MAX, SPLIT_SEED, TRAINER_PRECISIONS, UNIT_GROUPS, UNITS_WHAT,
                      Ablation,
                      Accelerator, ActsOn, CacheAction, CacheDtype, CacheKind, CacheLayout, CheckDtype, Classifier, Compat,
                      CrossModel, Estimator, EvrRule, Init, ModelPrecision, Needs, Others, Pooling, Protocol, Prototype, Score, Selection,
@@ -19,7 +19,7 @@ from .values import (COARSE_OTHERS, EVAL_SPLITS, OUTPUT_UNITS, RUN_SPLITS, SEED_
                      unit_selection)
 
 __all__ = ["rule", "FAMILIES", "SPEC_TYPES", "DatasetSpec", "FamilySpec", "MethodSpec", "ModelSpec", "load",
-           "needs_bases", "method_order", "grid", "option_choices", "COARSE_OTHERS", "option", "options", "spec", "spec_of", "EVAL_SPLITS", "OUTPUT_UNITS", "RUN_SPLITS", "SEED_MAX",
+           "needs_bases", "method_order", "grid", "option_choices", "COARSE_OTHERS", "option", "options", "spec", "spec_of", "EVAL_SPLITS", "OUTPUT_UNITS", "RUN_SPLITS", "SEED_MAX", "SPLIT_SEED",
            "TRAINER_PRECISIONS", "UNIT_GROUPS", "UNITS_WHAT", "unit_selection", "Ablation", "Accelerator", "ActsOn", "CacheAction", "CacheDtype",
            "CacheKind", "CacheLayout", "CheckDtype", "Classifier", "Compat", "CrossModel", "Estimator", "EvrRule", "Init",
            "ModelPrecision", "Needs", "Others", "Pooling", "Protocol", "Prototype", "Score", "Selection", "SimilarityUnweighted",

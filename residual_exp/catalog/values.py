@@ -242,3 +242,4 @@ class Estimator(StrEnum):
 
 
 SEED_MAX = 2 ** 32          # seeds are in [0, 2³²)
+SPLIT_SEED = 42             # the seed of every carved split (the paper's protocol)

@@ -29,6 +29,7 @@ fingerprint and the fractions and seed: a changed folder gets a new split, never
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,14 +43,15 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from . import metadata as md
 from .errors import ClassesMissingFromTrainError, DatasetError, DatasetNotFound
 from ..catalog import Split
+from ..config import ImageFolderParams
 from .registry import ClassificationSplit
-from .splits import SEED, load_or_create
+from .splits import load_or_create
 
 log = logging.getLogger(__name__)
 
 NAME = "image_folder"
 SPLIT_DIRS = tuple(s.value for s in Split if s != Split.reference)      # the split folders of the split layout
-DEFAULTS = {"val_fraction": 0.1, "test_fraction": 0.1, "split_seed": SEED}
+PARAM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ImageFolderParams)}
 PROJECT_SPLITS = Path("outputs") / "splits"          # under paths.root_dir
 _WARNED: set[tuple[str, tuple[str, ...]]] = set()    # (root, dropped class folders) already reported
 
@@ -138,7 +140,8 @@ def _root(cfg) -> Path:
 
 
 def _params(cfg) -> Mapping:
-    return getattr(cfg, "params", None) or {}
+    """``dataset.params`` over the defaults of its schema (:class:`~residual_exp.config.ImageFolderParams`)."""
+    return {**PARAM_DEFAULTS, **dict(getattr(cfg, "params", None) or {})}
 
 
 def _layout(root: Path) -> str:
@@ -191,7 +194,7 @@ def scan(cfg) -> Tree:
     """List the tree under ``dataset.root`` and check it (no image is decoded)."""
     root = _root(cfg)
     layout = _layout(root)
-    drop = bool(_params(cfg).get("drop_empty_classes", False))
+    drop = bool(_params(cfg)["drop_empty_classes"])
     if layout == "plain":
         folders = _class_dirs(root)
         per_class = {f: _images(root / f) for f in folders}
@@ -257,9 +260,9 @@ def _refuse_colliding_names(root: Path, folders: list[str], names: list[str]) ->
 # --- splits ------------------------------------------------------------------------------------------------
 def fractions(cfg, layout: str) -> dict[str, float]:
     p = _params(cfg)
-    val = float(p.get("val_fraction", DEFAULTS["val_fraction"]))
+    val = float(p["val_fraction"])
     if layout == "plain":
-        return {"val": val, "test": float(p.get("test_fraction", DEFAULTS["test_fraction"]))}
+        return {"val": val, "test": float(p["test_fraction"])}
     return {"val": val}
 
 
@@ -295,7 +298,7 @@ def split_record(cfg, tree: Tree) -> dict:
     fractions and seed, and the class folders left out."""
     rec = {"root": str(tree.root.resolve()), "layout": tree.layout, "classes": len(tree.folders)}
     if tree.layout == "plain" or not (tree.root / "val").is_dir():
-        rec.update(fractions=fractions(cfg, tree.layout), split_seed=int(_params(cfg).get("split_seed", SEED)))
+        rec.update(fractions=fractions(cfg, tree.layout), split_seed=int(_params(cfg)["split_seed"]))
     if tree.dropped:
         rec["dropped_empty_classes"] = list(tree.dropped)
     return rec
@@ -323,7 +326,7 @@ def _split(tree: Tree, cfg, split: str, transform) -> ClassificationSplit:
     if positions is None:
         ds = _make(NAME, split, src, None, templates, transform, tree.root)
     else:
-        seed = int(_params(cfg).get("split_seed", SEED))
+        seed = int(_params(cfg)["split_seed"])
         fracs = fractions(cfg, tree.layout)
         path = splits_dir(cfg) / f"{_split_key(tree, fracs, seed)}.json"
         parts = load_or_create(path, dataset=NAME, targets=src.labels, fractions=fracs, seed=seed)

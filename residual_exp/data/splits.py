@@ -29,9 +29,10 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from ..atomic import atomic_write_text
+from ..catalog import SPLIT_SEED
 from .errors import DatasetError
 
-SEED = 42
+SEED = SPLIT_SEED
 SPLIT_DIRNAME = ".residual_exp_splits"
 FORMAT = "residual_exp.split/v1"
 LOCK_TIMEOUT_S = 600.0

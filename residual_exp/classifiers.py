@@ -104,11 +104,10 @@ def frozen_classifier(backbone, classnames: Sequence[str], templates: Sequence[s
     if head_kind(choice, backbone.has_text) == "text":
         check_distinct_prompts(backbone, classnames, templates)        # before any text is encoded
         spec = {"model": model_id, "classnames": list(classnames), "templates": list(templates)}
-        build = lambda tmp: _save_weights(tmp, check_class_vectors(
-            zero_shot_weights(backbone, classnames, templates, device, progress=progress).cpu(), classnames,
-            prompt_reason(backbone, classnames, templates)))
+        build = lambda tmp: _save_weights(tmp, zero_shot_weights(backbone, classnames, templates, device,
+                                                                 progress=progress).cpu())
         weights = cache.get_or_build("classifiers", spec, build, _load_weights, suffix=".safetensors")
-        check_class_vectors(weights, classnames, prompt_reason(backbone, classnames, templates))
+        check_class_vectors(weights, classnames, prompt_reason(backbone, classnames, templates))   # built or cached
     else:
         import numpy as np
         if prototype not in PROTOTYPES:

@@ -7,11 +7,12 @@ rebuilds a run exported with ``task=export`` as an ``nn.Module`` (``encode_image
 from __future__ import annotations
 
 
-def load_adapted(folder, device: str = "cpu"):
+def load_adapted(folder, device: str = "cpu", verify: bool = True):
     """An exported run (``python -m residual_exp task=export run_dir=RUN``) as an
-    :class:`~residual_exp.export.AdaptedModel` — see :func:`residual_exp.export.load_adapted`."""
+    :class:`~residual_exp.export.AdaptedModel`, its files checked against the export's manifest first
+    (``verify=False`` skips that) — see :func:`residual_exp.export.load_adapted`."""
     from .export import load_adapted as _load
-    return _load(folder, device)
+    return _load(folder, device, verify)
 
 
 __all__ = ["load_adapted"]

@@ -334,6 +334,10 @@ def test_a_changed_export_file_is_refused_naming_it_and_the_check_can_be_skipped
     with pytest.raises(ExportError, match=r"flipped/adapted.safetensors: changed since it was exported \(checksum"):
         load_adapted(flipped)
     load_adapted(flipped, verify=False)                               # the documented way around the check
+    import residual_exp
+    with pytest.raises(ExportError):
+        residual_exp.load_adapted(flipped)                            # the package's entry point checks too …
+    residual_exp.load_adapted(flipped, verify=False)                  # … and takes the same way around it
     _shapes_folder(tmp_path / "imgs")
     proc = _cli(["task=predict", f"model_dir={flipped}", f"inputs={tmp_path / 'imgs'}",
                  f"task.out_dir={tmp_path / 'p'}"], tmp_path)

@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import register_configs
+from .errors import EXIT_USER_ERROR
 
 register_configs()
 
@@ -38,7 +39,6 @@ USER_ERRORS = {
     "residual_exp.results": ("ResultsFileError",),
     "residual_exp.encode": ("EncodingOverflow",),
 }
-EXIT_USER_ERROR = 2
 
 
 def _user_error_types() -> tuple[type, ...]:

@@ -20,7 +20,8 @@ from typing import Sequence
 
 from hydra.errors import CompactHydraException
 
-__all__ = ["ConfigError", "JobFailed", "UserError", "os_error_message", "writable_dir"]
+__all__ = ["EXIT_USER_ERROR", "ConfigError", "JobFailed", "UserError", "os_error_message", "writable_dir"]
+EXIT_USER_ERROR = 2                    # the exit status of every problem the user can fix
 
 
 class ConfigError(ValueError):

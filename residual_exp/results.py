@@ -311,6 +311,15 @@ def load_lambda(path: Path) -> TrainedLambda:
                          tensors, meta)
 
 
+def package_version() -> str:
+    """This package's installed version ("unknown" when it is run from a folder without installing)."""
+    try:
+        from importlib.metadata import version
+        return version("residual_exp")
+    except Exception:
+        return "unknown"
+
+
 def trained_dir(run_dir: Path) -> Path:
     """Where the run's checkpoint lives (a resumed run points at the run that computed it)."""
     if (run_dir / "checkpoints" / "best.ckpt").is_file():

@@ -71,7 +71,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import atomic_path, atomic_write_text
 from .cache import file_record, spec_hash
 from .encode import model_identity
-from .results import (CLASSES_FILE, HISTORY_FILE, LAMBDA_FILE, RESULT_KEYS, ResultsFileError, read_results, results_table,
+from .results import (CLASSES_FILE, HISTORY_FILE, LAMBDA_FILE, package_version, RESULT_KEYS, ResultsFileError, read_results, results_table,
                       write_results, write_run_config)
 from .runtime import run_dir_of
 
@@ -119,23 +119,16 @@ def resume_spec(cfg: DictConfig) -> dict:
     if data is not None:                       # a user's folder: what it holds, not only where it is
         spec["_data"] = data
     spec["_format"] = RESULTS_FORMAT
-    spec["_version"] = _version()
+    spec["_version"] = package_version()
     return spec
 
 
 def _data_identity(ds_cfg) -> str | None:
     """The identity of a dataset whose content is the user's (``image_folder``: a fingerprint of the
     folder), None for the others (their key stays what it was)."""
-    from .data.registry import data_label, spec_function
-    return data_label(ds_cfg) if spec_function(ds_cfg, "identity") is not None else None
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("residual_exp")
-    except Exception:
-        return "unknown"
+    from .data.registry import spec_function
+    identity = spec_function(ds_cfg, "identity")
+    return identity(ds_cfg) if identity is not None else None
 
 
 def resume_key(cfg: DictConfig) -> str:

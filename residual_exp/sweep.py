@@ -26,9 +26,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import EXIT_USER_ERROR
+
 log = logging.getLogger(__name__)
 
-EXIT_USER_ERROR = 2
 HUB_TIMEOUT_S = 3.0
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")      # open_clip's hub files
 SWEEP_TABLE = "results_table"
@@ -261,17 +262,17 @@ class SweepCallback(Callback):
         if not self.check:
             return
         try:
-            problems = sweep_problems(config, sweep_jobs(config))
+            jobs = sweep_jobs(config)
+            problems = sweep_problems(config, jobs)
         except Exception as e:                         # a check that cannot run never blocks a sweep
             log.warning("sweep precheck skipped (%s: %s)", type(e).__name__, e)
             return
         if problems:
-            n = len(sweep_jobs(config))
-            jobs = f"{n} job{'s' if n != 1 else ''}"
+            count = f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}"
             if len(problems) == 1:
-                print(f"error: {problems[0]} (none of the sweep's {jobs} was launched)", file=sys.stderr, flush=True)
+                print(f"error: {problems[0]} (none of the sweep's {count} was launched)", file=sys.stderr, flush=True)
             else:
-                print(f"error: the sweep's {jobs} cannot run here (none was launched); missing:\n"
+                print(f"error: the sweep's {count} cannot run here (none was launched); missing:\n"
                       + "\n".join(f"error:   {p}" for p in problems), file=sys.stderr, flush=True)
             self._printed = True                       # nothing ran: no table
             sys.exit(EXIT_USER_ERROR)

@@ -22,18 +22,10 @@ from ..classifiers import record_kind
 from ..config import ModelConfig
 from ..errors import UserError
 from ..export import BACKBONE_FILE, CONFIG_FILE, EXPORT_FORMAT, TENSORS_FILE, output_folder, write_manifest
-from ..results import read_training_run, trained_dir
+from ..results import package_version, read_training_run, trained_dir
 from ..runtime import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("residual_exp")
-    except Exception:
-        return "unknown"
 
 
 def export(cfg) -> int:
@@ -92,7 +84,7 @@ def export(cfg) -> int:
         "provenance": {"dataset": conf["dataset"]["name"], "seed": conf["seed"], "run_dir": str(run_dir.resolve()),
                        "val_accuracy": rec["val_accuracy"], "test_accuracy": rec["test_accuracy"],
                        "zero_shot_test_accuracy": rec.get("zero_shot_test_accuracy"),
-                       "trainable_params": rec.get("trainable_params"), "package_version": _package_version(),
+                       "trainable_params": rec.get("trainable_params"), "package_version": package_version(),
                        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
     }
     from safetensors.torch import save_file

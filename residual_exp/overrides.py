@@ -11,7 +11,8 @@ composes is then checked by :func:`residual_exp.validate.validate` inside the jo
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 # flags after which the command line is Hydra's business (help, info, config printing, paths)
 _HYDRA_FLAGS = {"-m", "--multirun"}
@@ -177,25 +178,35 @@ def precheck(argv: Sequence[str]) -> list[str]:
                                                                or not a.lstrip("+~").startswith("hydra."))]
     if not overrides:
         return []
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    from .config import CONF_MODULE, register_configs
+    from .config import register_configs
     register_configs()                               # the schemas the task/model/... configs extend
     try:
         variants = _variants(overrides)
     except HydraException as e:
         return [explain(e, overrides)]
     problems: list[str] = []
+    with _fresh_hydra():
+        for variant in variants:
+            problems += [p for p in problems_of(variant) if p not in problems]
+    return problems
+
+
+@contextmanager
+def _fresh_hydra() -> Iterator[None]:
+    """Hydra initialised on the package's configs for the checks that run before the app, and
+    cleared again (the app initialises its own)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .config import CONF_MODULE
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(CONF_MODULE, version_base="1.3"):
-            for variant in variants:
-                problems += [p for p in problems_of(variant) if p not in problems]
+            yield
     finally:
         GlobalHydra.instance().clear()
-    return problems
 
 
 def output_dir_problem(argv: Sequence[str]) -> str | None:
@@ -207,21 +218,16 @@ def output_dir_problem(argv: Sequence[str]) -> str | None:
     multirun = any(a in _HYDRA_FLAGS for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
     try:
-        from hydra import compose, initialize_config_module
-        from hydra.core.global_hydra import GlobalHydra
+        from hydra import compose
         from omegaconf import OmegaConf
 
-        from .config import CONF_MODULE, register_configs
+        from .config import register_configs
         register_configs()
-        GlobalHydra.instance().clear()
-        try:
-            with initialize_config_module(CONF_MODULE, version_base="1.3"):
-                first = _variants([o for o in overrides if not o.lstrip("+~").startswith("hydra/")])[0]
-                cfg = compose("config", overrides=first, return_hydra_config=True)
-                key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-                folder = OmegaConf.select(cfg, key)
-        finally:
-            GlobalHydra.instance().clear()
+        with _fresh_hydra():
+            first = _variants([o for o in overrides if not o.lstrip("+~").startswith("hydra/")])[0]
+            cfg = compose("config", overrides=first, return_hydra_config=True)
+            key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+            folder = OmegaConf.select(cfg, key)
     except Exception:                    # anything else is for precheck / Hydra / validate to report
         return None
     from .errors import UserError, writable_dir

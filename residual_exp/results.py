@@ -120,7 +120,6 @@ def _fmt(key: str, v) -> str:
 
 
 # --- flags: results that look fine and are not ----------------------------------------------------------
-BELOW_ZERO_SHOT_MARGIN = 0.02     # a trained method this far below zero-shot on val did not train
 
 
 def result_flags(rec: dict, num_classes: int | None = None, margin: float = BELOW_ZERO_SHOT_MARGIN) -> list[str]:

@@ -18,7 +18,7 @@ Shared keys (:class:`AnalysisConfig`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, List, Optional
 
 from omegaconf import MISSING

@@ -64,10 +64,6 @@ class Session:
             d.transform = self.backbone.transform
         return splits
 
-    def splits(self, ds_cfg, names) -> dict:
-        """``{name: dataset}`` of the splits ``names`` of ``ds_cfg`` under the backbone's preprocessing."""
-        return self.preprocess(self.data(ds_cfg, names))
-
     def split(self, ds_cfg, split: str, max_samples: int | None = None):
         """``(dataset, identity)`` of ``split``, uniformly subsampled to ``max_samples`` (seeded)."""
         return subsample_split(build_split(ds_cfg, split, self.backbone.transform), ds_cfg, split,
